@@ -1,0 +1,338 @@
+"""The ``ckptd`` command. Exit codes: 0 success, 1 the operation failed or is incomplete, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from . import __version__
+from .defaults import default_root, default_socket, default_store
+from .errors import CkptdError, ConfigError, DaemonUnavailableError, IntegrityError, NotFoundError
+
+log = logging.getLogger("ckptd")
+
+EPILOG = """environment:
+  CKPTD_SOCKET  daemon socket (default: $XDG_RUNTIME_DIR/ckptd/ckptd.sock or /tmp/ckptd-$UID/ckptd.sock)
+  CKPTD_ROOT    daemon root directory (default: ~/.local/share/ckptd)
+  CKPTD_STORE   default store URL: a path, file:///abs/path, s3://bucket/prefix, gs://bucket/prefix
+  S3 endpoints and credentials follow botocore (AWS_ENDPOINT_URL, AWS_PROFILE, ...);
+  GCS follows gcloud-aio (STORAGE_EMULATOR_HOST, GOOGLE_APPLICATION_CREDENTIALS).
+
+exit codes: 0 success, 1 the operation failed or is incomplete, 2 bad usage"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon.server import Daemon, DaemonConfig
+
+    _setup_logging(args.log_level)
+    try:
+        cfg = DaemonConfig(
+            root=args.root,
+            socket=args.socket,
+            store=args.store,
+            writers=args.writers,
+            uploads=args.uploads,
+            file_concurrency=args.file_concurrency,
+            drain_timeout=args.drain_timeout,
+            check_store=not args.no_check_store,
+        )
+        if cfg.store:
+            from .storage import open_store
+
+            open_store(cfg.store)  # a bad URL is a usage error, before anything starts
+    except ConfigError as e:
+        print(f"ckptd serve: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        return await Daemon(cfg).run()
+
+    try:
+        return asyncio.run(main())
+    except CkptdError as e:
+        print(f"ckptd serve: {e}", file=sys.stderr)
+        return 1
+
+
+# ---- talking to a running daemon -------------------------------------------------------------------
+
+
+def _request(socket_path: str, msg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    from .client import _Connection
+
+    conn = _Connection(socket_path, 10.0, lambda _msg: None)
+    try:
+        return conn.request(msg, timeout=timeout)
+    finally:
+        conn.close()
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    total = j["bytes_total"] or 1
+    if j["state"] in ("staged", "writing"):
+        prog = f"written {_human(j['bytes_written'])}/{_human(j['bytes_total'])}"
+    elif j["state"] == "uploading" or (j["state"] == "committed" and j["store"]):
+        pct = 100.0 * j["bytes_uploaded"] / total
+        prog = f"uploaded {_human(j['bytes_uploaded'])}/{_human(total)} ({pct:.0f}%) at {_human(j['upload_rate'])}/s"
+    else:
+        prog = _human(j["bytes_total"])
+    extra = f" retries={j['retries']}" if j["retries"] else ""
+    err = f"  error: {j['error']}" if j["error"] else ""
+    return f"  {j['run']}@{j['tag']:<28} {j['state']:<10} {prog}{extra}{err}"
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())) or "none"
+    print(f"ckptd {st['version']} pid {st['pid']} up {st['uptime']:.0f}s  socket {st['socket']}")
+    print(
+        f"root {st['root']}  store {st['store'] or '(the root)'}  clients {st['clients']}"
+        + ("  PREEMPTED" if st.get("preempted") else "")
+        + ("  CLOSING" if st.get("closing") else "")
+    )
+    print(
+        f"checkpoints: {counts}; upload queue {st['upload_queue']}; "
+        f"written {_human(st['bytes_written'])}, uploaded {_human(st['bytes_uploaded'])}"
+    )
+    for j in st["jobs"]:
+        print(_job_line(j))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            st = _request(args.socket, {"op": "status"}, 10.0)
+            if args.json:
+                print(json.dumps({k: v for k, v in st.items() if k not in ("ev", "rid")}, indent=1))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                _print_status(st)
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except DaemonUnavailableError as e:
+        print(f"ckptd status: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    try:
+        reply = _request(
+            args.socket,
+            {"op": "drain", "timeout": args.timeout},
+            None if args.timeout is None else args.timeout + 30,
+        )
+    except DaemonUnavailableError as e:
+        print(f"ckptd drain: {e}", file=sys.stderr)
+        return 1
+    if reply.get("ok"):
+        print("drained: nothing pending")
+        return 0
+    print(f"not drained: {len(reply['pending'])} checkpoint(s) not in their store", file=sys.stderr)
+    for j in reply["pending"]:
+        print(_job_line(j), file=sys.stderr)
+    return 1
+
+
+# ---- reading stores ------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .reader import list_checkpoints, list_runs
+
+    manifests = list_checkpoints(args.url)
+    if manifests:
+        if args.json:
+            print(json.dumps(manifests, indent=1))
+            return 0
+        print(f"{'TAG':<30} {'STEP':>10} {'SIZE':>12}  CREATED")
+        for m in manifests:
+            size = sum(int(f["size"]) for f in m["files"].values())
+            print(
+                f"{m['tag']:<30} {m.get('step', '?'):>10} {_human(size):>12}  {m.get('created', '?')}"
+            )
+        return 0
+    runs = list_runs(args.url)
+    if args.json:
+        print(json.dumps(runs))
+        return 0 if runs else 1
+    if not runs:
+        print(f"no checkpoints under {args.url}", file=sys.stderr)
+        return 1
+    for run in runs:
+        print(run)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .reader import split_tag, verify
+
+    url, tag = split_tag(args.url)
+    loc = verify(url, tag)
+    n = len(loc.manifest["files"])
+    print(
+        f"ok: {loc.url}@{loc.tag} (step {loc.manifest.get('step')}), {n} files match the manifest"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .reader import copy_checkpoint, split_tag
+
+    url, tag = split_tag(args.url)
+    loc = copy_checkpoint(url, tag, args.dest)
+    print(f"restored {loc.url}@{loc.tag} (step {loc.manifest.get('step')}) into {args.dest}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging(args.log_level)
+    return run_demo(args)
+
+
+# ---- parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Stall-free, crash-safe PyTorch checkpoints through a node-local daemon.",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add(name: str, help_: str, fn: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG, formatter_class=fmt)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def sock(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--socket", default=default_socket(), help="daemon socket (default: %(default)s)"
+        )
+
+    s = add("serve", "run the daemon: commit staged checkpoints locally, upload them", cmd_serve)
+    s.add_argument(
+        "--root", default=default_root(), help="local checkpoint root (default: %(default)s)"
+    )
+    sock(s)
+    s.add_argument(
+        "--store",
+        default=default_store(),
+        help="default store URL for uploads (default: $CKPTD_STORE, else the root itself)",
+    )
+    s.add_argument(
+        "--writers", type=int, default=2, help="checkpoints written at once (default: 2)"
+    )
+    s.add_argument(
+        "--uploads", type=int, default=2, help="checkpoints uploaded at once (default: 2)"
+    )
+    s.add_argument(
+        "--file-concurrency", type=int, default=4, help="files in flight per upload (default: 4)"
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=80.0,
+        help="seconds SIGTERM may spend finishing uploads (default: 80)",
+    )
+    s.add_argument(
+        "--no-check-store", action="store_true", help="skip the store access check at start"
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    s = add("status", "show the daemon's queue, bytes and per-checkpoint state", cmd_status)
+    sock(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    s.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)"
+    )
+
+    s = add("drain", "block until every checkpoint is committed and uploaded", cmd_drain)
+    sock(s)
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after S seconds: exit 1 and list what is pending",
+    )
+
+    s = add("ls", "list the runs of a store, or the checkpoints of a run", cmd_ls)
+    s.add_argument(
+        "url", help="a store or run URL: a path, file:///..., s3://bucket/prefix, gs://..."
+    )
+    s.add_argument("--json", action="store_true")
+
+    s = add(
+        "verify",
+        "check a checkpoint's files against its manifest (exit 1 naming a bad file)",
+        cmd_verify,
+    )
+    s.add_argument("url", help="RUN_URL[@TAG] (default tag: latest)")
+
+    s = add("restore", "copy a verified checkpoint into a local directory", cmd_restore)
+    s.add_argument("url", help="RUN_URL[@TAG] (default tag: latest)")
+    s.add_argument("dest", help="local directory to create")
+
+    s = add("demo", "train a small model with a daemon on a local store, end to end", cmd_demo)
+    s.add_argument("--dir", default=None, help="working directory (default: a new temporary one)")
+    s.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
+    s.add_argument("--every", type=int, default=10, help="save every N steps (default: 10)")
+    s.add_argument("--width", type=int, default=512, help="model width (default: 512)")
+    s.add_argument("--keep", action="store_true", help="keep the working directory")
+    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as e:
+        print(f"ckptd {args.verb}: {e}", file=sys.stderr)
+        return 2
+    except (IntegrityError, NotFoundError) as e:
+        print(f"ckptd {args.verb}: {e}", file=sys.stderr)
+        return 1
+    except CkptdError as e:
+        print(f"ckptd {args.verb}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    except BrokenPipeError:
+        os._exit(1)

@@ -1,0 +1,623 @@
+"""The training-process side: ``Checkpointer``, ``SaveHandle`` and ``attach``.
+
+``save()`` does three things on the loop's time: plan the files (raises on non-plain data before
+anything is staged), copy tensors into a free arena slot, and hand a small message to the daemon.
+It never serializes to disk and never touches the network. On CUDA the copy itself runs on a side
+stream and the next ``optimizer.step`` waits for it on the GPU (see ``stager``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .arena import Arena, Slot
+from .defaults import default_socket
+from .errors import ConfigError, DaemonUnavailableError, ProtocolError, SaveError
+from .fmt import SavePlan, plan_save
+from .names import check_name, make_tag
+from .protocol import VERSION, FrameReader, encode
+from .stager import Fence, Stager
+
+log = logging.getLogger("ckptd.client")
+
+
+class Backpressure(enum.StrEnum):
+    BLOCK = "block"  # wait for a free slot (default: never lose a save)
+    SKIP = "skip"  # drop this save, count it and log it
+
+
+class SaveHandle:
+    """The future of one save. ``wait()`` blocks; ``check()`` and ``done()`` never do."""
+
+    _ORDER = {"staged": 0, "committed": 1, "uploaded": 2}
+
+    def __init__(self, tag: str, step: int, skipped: bool = False) -> None:
+        self.tag = tag
+        self.step = step
+        self.skipped = skipped
+        self.path: str | None = None
+        self._state = "uploaded" if skipped else "staged"
+        self._error: BaseException | None = None
+        self._cv = threading.Condition()
+
+    @property
+    def state(self) -> str:
+        return "failed" if self._error is not None else ("skipped" if self.skipped else self._state)
+
+    def _advance(self, state: str, path: str | None = None) -> None:
+        with self._cv:
+            if self._ORDER[state] > self._ORDER[self._state]:
+                self._state = state
+            if path:
+                self.path = path
+            self._cv.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cv:
+            if self._error is None and self._state != "uploaded":
+                self._error = error
+            self._cv.notify_all()
+
+    def done(self) -> bool:
+        """True once the save is uploaded (or committed to a root that is the store), or failed."""
+        return self._error is not None or self._state == "uploaded"
+
+    def check(self) -> None:
+        """Re-raise a background failure, without blocking."""
+        if self._error is not None:
+            raise self._error
+
+    def wait(self, until: str = "committed", timeout: float | None = None) -> SaveHandle:
+        """Block until the save reached ``until`` ("committed" or "uploaded"); raise its failure."""
+        if until not in ("committed", "uploaded"):
+            raise ConfigError(f"until must be 'committed' or 'uploaded', not {until!r}")
+        want = self._ORDER[until]
+        with self._cv:
+            ok = self._cv.wait_for(
+                lambda: self._error is not None or self._ORDER[self._state] >= want, timeout
+            )
+        self.check()
+        if not ok:
+            raise TimeoutError(f"save {self.tag} not {until} after {timeout} s (now {self.state})")
+        return self
+
+    def __repr__(self) -> str:
+        return f"SaveHandle(tag={self.tag!r}, state={self.state!r})"
+
+
+class _Connection:
+    """The socket to the daemon, with a reader thread that routes events to handlers."""
+
+    def __init__(
+        self, path: str, timeout: float, on_event: Callable[[dict[str, Any]], None]
+    ) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise DaemonUnavailableError(
+                f"no ckptd daemon at {path} ({e.strerror or e}). Start one with "
+                f"`ckptd serve --socket {path}` (or under systemd), or point CKPTD_SOCKET at it"
+            ) from None
+        self.sock.settimeout(None)
+        self._send_lock = threading.Lock()
+        self._on_event = on_event
+        self.alive = True
+        self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
+        self._rids = itertools.count(1)
+        self._thread = threading.Thread(target=self._read_loop, name="ckptd-events", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        frame = encode(msg)
+        try:
+            with self._send_lock:
+                if fd is None:
+                    self.sock.sendall(frame)
+                else:
+                    sent = socket.send_fds(self.sock, [frame], [fd])
+                    if sent < len(frame):
+                        self.sock.sendall(frame[sent:])
+        except OSError as e:
+            self.alive = False
+            raise DaemonUnavailableError(
+                f"lost the connection to the ckptd daemon at {self.path}: {e}"
+            ) from e
+
+    def request(self, msg: dict[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
+        rid = next(self._rids)
+        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        self._replies[rid] = q
+        try:
+            self.send({**msg, "rid": rid})
+            try:
+                return q.get(timeout=timeout)
+            except queue.Empty:
+                raise DaemonUnavailableError(
+                    f"the daemon at {self.path} did not answer {msg['op']!r}"
+                ) from None
+        finally:
+            self._replies.pop(rid, None)
+
+    def _read_loop(self) -> None:
+        reader = FrameReader()
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break
+                reader.feed(data)
+                for msg in reader.messages():
+                    rid = msg.get("rid")
+                    if isinstance(rid, int) and rid in self._replies:
+                        self._replies[rid].put(msg)
+                    else:
+                        self._on_event(msg)
+        except (OSError, ProtocolError) as e:
+            log.debug("event reader stopped: %s", e)
+        finally:
+            self.alive = False
+            self._on_event({"ev": "disconnected"})
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+class Checkpointer:
+    """Connect to the node's daemon and save into run ``run``.
+
+    Args:
+        run: run name; checkpoints go to ``<store>/<run>/checkpoints/<tag>/``.
+        store: store URL for this run (``s3://``, ``gs://``, a path); default: the daemon's.
+        socket: the daemon's socket; default ``$CKPTD_SOCKET`` or the per-user default.
+        slots: staging buffers; with 2, one save can be written while the next is staged.
+        backpressure: ``"block"`` (wait for a free slot) or ``"skip"`` (drop and count the save).
+        on_preempt: called once (from a background thread) when the daemon reports a preemption
+            notice; ``preempted`` becomes True either way.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        store: str | None = None,
+        socket: str | None = None,
+        *,
+        slots: int = 2,
+        backpressure: str | Backpressure = Backpressure.BLOCK,
+        on_preempt: Callable[[], None] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.run = check_name(run, "run")
+        try:
+            self.backpressure = Backpressure(backpressure)
+        except ValueError:
+            raise ConfigError(
+                f"backpressure must be 'block' or 'skip', not {backpressure!r}"
+            ) from None
+        if slots < 1:
+            raise ConfigError("slots must be at least 1")
+        self.store = store
+        self.socket_path = socket or default_socket()
+        self.on_preempt = on_preempt
+        self.preempted = False
+        self.skipped = 0
+        self._timeout = timeout
+        self._arena = Arena(slots, f"{os.getpid()}")
+        self._stager = Stager()
+        self._handles: dict[int, tuple[SaveHandle, int]] = {}  # id -> (handle, slot index)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._fence: Fence | None = None
+        self._hooked: set[int] = set()
+        self._sender: queue.Queue[tuple[Fence, dict[str, Any], SaveHandle] | None] = queue.Queue()
+        self._sender_thread: threading.Thread | None = None
+        self._closed = False
+        self._conn: _Connection | None = None
+        self.daemon_info: dict[str, Any] = {}
+        self._connect()
+
+    # ---- connection --------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        conn = _Connection(self.socket_path, self._timeout, self._on_event)
+        self._conn = conn
+        self._sent_slots: set[tuple[int, int]] = set()
+        self.daemon_info = conn.request(
+            {
+                "op": "hello",
+                "version": VERSION,
+                "pid": os.getpid(),
+                "run": self.run,
+                "store": self.store,
+            },
+            timeout=self._timeout,
+        )
+        if self.daemon_info.get("ev") != "welcome":
+            raise DaemonUnavailableError(
+                f"unexpected answer from {self.socket_path}: {self.daemon_info}"
+            )
+        if self.daemon_info.get("preempted"):
+            self._preempt()
+
+    def _ensure_connected(self) -> _Connection:
+        if self._conn is None or not self._conn.alive:
+            log.warning("reconnecting to the ckptd daemon at %s", self.socket_path)
+            self._connect()
+        assert self._conn is not None
+        return self._conn
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        ev = msg.get("ev")
+        if ev == "disconnected":
+            with self._lock:
+                pending = list(self._handles.items())
+                self._handles.clear()
+            for _, (handle, index) in pending:
+                if handle._state == "staged":
+                    handle._fail(
+                        DaemonUnavailableError(
+                            f"the daemon at {self.socket_path} went away before {handle.tag} was committed"
+                        )
+                    )
+                else:
+                    # Committed: the daemon's disk owns it now; a restarted daemon resumes the upload.
+                    handle._fail(
+                        DaemonUnavailableError(
+                            f"the daemon went away after committing {handle.tag}; its upload resumes "
+                            "when the daemon restarts"
+                        )
+                    )
+                self._arena.release(index)
+            return
+        if ev == "preempted":
+            self._preempt()
+            return
+        sid = msg.get("id")
+        with self._lock:
+            entry = self._handles.get(sid) if isinstance(sid, int) else None
+        if entry is None:
+            if ev == "error":
+                log.error("the daemon refused a message: %s", msg.get("error"))
+            return
+        handle, index = entry
+        if ev == "released":
+            self._arena.release(index)
+        elif ev == "committed":
+            handle._advance("committed", msg.get("path"))
+        elif ev == "uploaded":
+            handle._advance("uploaded")
+            with self._lock:
+                self._handles.pop(sid, None)
+        elif ev == "failed":
+            handle._fail(SaveError(str(msg.get("error"))))
+            self._arena.release(index)
+            with self._lock:
+                self._handles.pop(sid, None)
+
+    def _preempt(self) -> None:
+        if self.preempted:
+            return
+        self.preempted = True
+        log.warning("preemption notice: the machine is going away; save now if you can")
+        if self.on_preempt is not None:
+            try:
+                self.on_preempt()
+            except Exception:
+                log.exception("on_preempt callback failed")
+
+    # ---- save ----------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        models: dict[str, Any] | None = None,
+        optimizers: dict[str, Any] | None = None,
+        extra: Any = None,
+        tag: str | None = None,
+        save_optim: bool = True,
+        epoch: int | None = None,
+        sample: int | None = None,
+    ) -> SaveHandle:
+        """Stage a checkpoint and return at once; the daemon commits and uploads it."""
+        if self._closed:
+            raise ConfigError("this Checkpointer is closed")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step must be a non-negative int, not {step!r}")
+        tag = check_name(tag, "tag") if tag is not None else make_tag(step, epoch, sample)
+        all_models = dict(models or {})
+        if model is not None:
+            all_models.setdefault("model", model)
+        all_optims = dict(optimizers or {})
+        if optimizer is not None:
+            all_optims.setdefault("model", optimizer)
+        for name in (*all_models, *all_optims):
+            check_name(name, "model name")
+        if not all_models and not all_optims and extra is None:
+            raise ConfigError("nothing to save: pass model=, models=, optimizer= or extra=")
+        self._wait_fence()  # a previous async copy must land before its slot is reused
+        plan = plan_save(all_models, all_optims if save_optim else {}, extra)
+        for opt in all_optims.values():
+            if save_optim and isinstance(opt, torch.optim.Optimizer):
+                self._hook(opt)
+        conn = self._ensure_connected()
+        slot = self._arena.acquire(block=self.backpressure is Backpressure.BLOCK)
+        if slot is None:
+            self.skipped += 1
+            log.warning(
+                "all %d staging slots busy: skipped save %s (%d skipped so far)",
+                len(self._arena.slots),
+                tag,
+                self.skipped,
+            )
+            return SaveHandle(tag, step, skipped=True)
+        try:
+            grew = self._send_slot(conn, slot, plan)
+            fence = self._stager.stage(plan, slot) if plan.files else Fence()
+        except BaseException:
+            self._arena.release(slot.index)
+            raise
+        if grew:
+            self._prepare_other_slots(plan)
+        sid = next(self._ids)
+        handle = SaveHandle(tag, step)
+        msg = self._request(sid, step, tag, plan, slot, epoch, sample)
+        with self._lock:
+            self._handles[sid] = (handle, slot.index)
+        if fence.is_async:
+            self._fence = fence
+            self._start_sender()
+            self._sender.put((fence, msg, handle))
+        else:
+            self._send_save(msg, handle, slot.index)
+        return handle
+
+    def _send_slot(self, conn: _Connection, slot: Slot, plan: SavePlan) -> bool:
+        """Make the slot big enough and make sure the daemon has its descriptor."""
+        grew = slot.ensure(plan.arena_size, pin=self._pin(plan))
+        key = (slot.index, slot.generation)
+        if plan.files and key not in self._sent_slots:
+            conn.send(
+                {
+                    "op": "slot",
+                    "slot": slot.index,
+                    "size": slot.size,
+                    "generation": slot.generation,
+                },
+                fd=slot.fd,
+            )
+            self._sent_slots.add(key)
+        return grew
+
+    @staticmethod
+    def _pin(plan: SavePlan) -> bool:
+        return torch.cuda.is_available() and any(
+            ts.src.is_cuda for f in plan.files for ts in f.tensors
+        )
+
+    def _prepare_other_slots(self, plan: SavePlan) -> None:
+        """Grow the other free slots in the background, so the next save does not pay for it."""
+        size, pin = plan.arena_size, self._pin(plan)
+
+        def grow() -> None:
+            held = []
+            while (slot := self._arena.acquire(block=False)) is not None:
+                held.append(slot)
+            try:
+                for slot in held:
+                    if slot.size < size:
+                        slot.ensure(size, pin=pin)
+            finally:
+                for slot in held:
+                    self._arena.release(slot.index)
+
+        threading.Thread(target=grow, name="ckptd-arena", daemon=True).start()
+
+    def _request(
+        self,
+        sid: int,
+        step: int,
+        tag: str,
+        plan: SavePlan,
+        slot: Slot,
+        epoch: int | None,
+        sample: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "op": "save",
+            "id": sid,
+            "run": self.run,
+            "tag": tag,
+            "step": step,
+            "store": self.store,
+            "slot": slot.index,
+            "generation": slot.generation,
+            "files": [
+                {"name": f.name, "header": f.header, "offset": f.arena_offset, "size": f.data_size}
+                for f in plan.files
+            ],
+            "inline": plan.inline,
+            "manifest": {
+                "training_iteration": {"epoch": epoch, "update": step, "sample": sample},
+                "model_config": plan.model_config,
+                "torch_version": torch.__version__,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
+        }
+
+    def _send_save(self, msg: dict[str, Any], handle: SaveHandle, index: int) -> None:
+        try:
+            self._ensure_connected().send(msg)
+        except DaemonUnavailableError as e:
+            with self._lock:
+                self._handles.pop(msg["id"], None)
+            self._arena.release(index)
+            handle._fail(e)
+            raise
+
+    def _start_sender(self) -> None:
+        if self._sender_thread is None:
+            self._sender_thread = threading.Thread(
+                target=self._send_loop, name="ckptd-sender", daemon=True
+            )
+            self._sender_thread.start()
+
+    def _send_loop(self) -> None:
+        while (item := self._sender.get()) is not None:
+            fence, msg, handle = item
+            try:
+                fence.synchronize()
+                with self._lock:
+                    index = self._handles.get(msg["id"], (None, -1))[1]
+                self._send_save(msg, handle, index)
+            except DaemonUnavailableError as e:
+                log.error("could not hand save %s to the daemon: %s", handle.tag, e)
+            finally:
+                self._sender.task_done()
+
+    def _hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step fence: the next optimizer.step waits (on the GPU) for the staging copy."""
+        if id(optimizer) in self._hooked:
+            return
+        self._hooked.add(id(optimizer))
+
+        def pre_step(opt: Any, args: Any, kwargs: Any) -> None:
+            fence = self._fence
+            if fence is not None:
+                fence.gpu_wait()
+
+        optimizer.register_step_pre_hook(pre_step)
+
+    def _wait_fence(self) -> None:
+        fence, self._fence = self._fence, None
+        if fence is not None:
+            fence.synchronize()
+
+    # ---- restore and close -------------------------------------------------------------------
+
+    def restore(
+        self,
+        model: Any = None,
+        optimizer: Any = None,
+        tag: str = "latest",
+        *,
+        models: dict[str, Any] | None = None,
+        optimizers: dict[str, Any] | None = None,
+        strict: bool = True,
+        map_location: str | torch.device | None = None,
+    ) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint (or ``tag``) into the given objects.
+
+        Looks in the daemon's local root first, then in the run's store. Returns the checkpoint's
+        meta (manifest fields and ``extra``), or None when the run has no checkpoint yet.
+        """
+        from .reader import restore_into
+
+        urls = [os.path.join(self.daemon_info.get("root") or "", self.run)]
+        store = self.store or self.daemon_info.get("store")
+        if store:
+            from .storage import join_key
+
+            urls.append(
+                join_key(store, self.run) if "://" in store else os.path.join(store, self.run)
+            )
+        return restore_into(
+            urls,
+            tag=tag,
+            model=model,
+            optimizer=optimizer,
+            models=models,
+            optimizers=optimizers,
+            strict=strict,
+            map_location=map_location,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self._ensure_connected().request({"op": "status"})
+
+    def flush(self, until: str = "committed", timeout: float | None = None) -> None:
+        """Block until every save so far reached ``until``."""
+        self._wait_fence()
+        if self._sender_thread is not None:
+            self._sender.join()
+        with self._lock:
+            handles = [h for h, _ in self._handles.values()]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for h in handles:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            h.wait(until, left)
+
+    def close(self) -> None:
+        """Return when the daemon holds everything saved (committed on its disk). Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush("committed")
+        finally:
+            self._closed = True
+            if self._sender_thread is not None:
+                self._sender.put(None)
+                self._sender_thread.join(timeout=5)
+            if self._conn is not None:
+                self._conn.close()
+            self._arena.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    every: int,
+    run: str,
+    store: str | None = None,
+    *,
+    socket: str | None = None,
+    extra: Callable[[], Any] | None = None,
+    **kwargs: Any,
+) -> Checkpointer:
+    """The zero-line form: save ``model`` and ``optimizer`` every ``every`` optimizer steps.
+
+    Uses an optimizer step post-hook, so the training loop needs no change. ``extra``, if given, is
+    called at each save for plain data to store beside (e.g. scheduler and RNG states). Returns the
+    ``Checkpointer``; call ``close()`` at the end (or use it as a context manager).
+    """
+    if not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every must be a positive int, not {every!r}")
+    ckpt = Checkpointer(run, store=store, socket=socket, **kwargs)
+    steps = itertools.count(1)
+
+    def post_step(opt: Any, args: Any, kw: Any) -> None:
+        n = next(steps)
+        if n % every == 0 and not ckpt._closed:
+            ckpt.save(n, model=model, optimizer=optimizer, extra=extra() if extra else None)
+
+    ckpt._attach_handle = optimizer.register_step_post_hook(post_step)  # type: ignore[attr-defined]
+    return ckpt

@@ -1,0 +1,833 @@
+"""``ckptd serve``: one asyncio program that commits staged saves and uploads them.
+
+Pipeline per save: connection reads the request -> write stage (bounded by ``writers``, file
+writes in threads) -> local commit -> upload stage (bounded by ``uploads``) -> events back to the
+client that sent it. Every client is independent: a malformed message or a dead client drops its
+own connection only. State that must survive a crash is on disk (see ``commit`` and ``upload``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import (
+    CkptdError,
+    ConfigError,
+    PermanentStorageError,
+    ProtocolError,
+    StorageError,
+)
+from ..fmt import FORMAT, decode_header
+from ..names import check_name
+from ..protocol import MAX_FRAME, FrameReader, encode, field
+from ..storage import Store, is_local, local_path, open_store
+from . import sdnotify
+from .commit import StagedFile, checkpoint_dir, commit, update_latest, write_staged
+from .jobs import FINAL, Job, JobState
+from .upload import (
+    clear_record,
+    pending_records,
+    update_remote_latest,
+    upload_checkpoint,
+    write_record,
+)
+
+log = logging.getLogger("ckptd.daemon")
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,200}\.(safetensors|msgpack)$")
+_MAX_SLOTS = 64
+_MAX_SLOT_SIZE = 1 << 42
+_KEEP_FINISHED = 200
+
+
+@dataclass(kw_only=True, slots=True)
+class DaemonConfig:
+    root: str
+    """Local directory: checkpoints are committed here first (and it is the store by default)."""
+    socket: str
+    """Unix socket path clients connect to; created owner-only."""
+    store: str | None = None
+    """Default store URL for runs whose client names none; None: the root is the store."""
+    writers: int = 2
+    """Checkpoints written to local disk at once."""
+    uploads: int = 2
+    """Checkpoints uploaded at once (each with ``file_concurrency`` files in flight)."""
+    file_concurrency: int = 4
+    drain_timeout: float = 80.0
+    """SIGTERM's upper bound for finishing uploads: below systemd's 90 s and AWS spot's 120 s."""
+    check_store: bool = True
+    """Probe the default store at start and refuse to run if it is unusable."""
+
+    def __post_init__(self) -> None:
+        if self.writers < 1 or self.uploads < 1 or self.file_concurrency < 1:
+            raise ConfigError("writers, uploads and file_concurrency must be at least 1")
+        if self.drain_timeout <= 0:
+            raise ConfigError("drain_timeout must be positive: an unbounded drain outlives the VM")
+        self.root = os.path.abspath(os.path.expanduser(self.root))
+        self.socket = os.path.abspath(os.path.expanduser(self.socket))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Conn:
+    def __init__(self, cid: int, sock: socket.socket) -> None:
+        self.id = cid
+        self.sock = sock
+        self.send_lock = asyncio.Lock()
+        self.slots: dict[int, tuple[int, int, int]] = {}  # index -> (fd, size, generation)
+        self.run: str | None = None
+        self.store: str | None = None
+        self.pid: int | None = None
+        self.alive = True
+
+    def close_fds(self) -> None:
+        for fd, _, _ in self.slots.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.slots.clear()
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.cfg = config
+        self.jobs: dict[str, Job] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._next_cid = 1
+        self._write_sem = asyncio.Semaphore(config.writers)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._upload_queue: list[Job] = []
+        self._upload_wake = asyncio.Event()
+        self._change = asyncio.Condition()
+        self._stores: dict[str, Store] = {}
+        self._latest_step: dict[str, int] = {}
+        self._closing = False
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._server_sock: socket.socket | None = None
+        self._started = time.time()
+        self._bytes_written_total = 0
+        self._bytes_uploaded_total = 0
+        self.preempted = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; exit code 0 only if nothing was left un-uploaded."""
+        self._prepare_root()
+        if self.cfg.store and self.cfg.check_store and not self._store_is_root(self.cfg.store):
+            store = self._store(self.cfg.store)
+            await store.check_access()
+        self._rescan()
+        self._listen()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self._spawn(self._accept_loop())
+        for _ in range(self.cfg.uploads):
+            self._spawn(self._upload_worker())
+        if (interval := sdnotify.watchdog_interval()) is not None:
+            self._spawn(self._watchdog(interval))
+        sdnotify.notify("READY=1", f"STATUS=serving {self.cfg.socket}")
+        log.info(
+            "ckptd %s serving on %s, root %s, store %s",
+            __version__,
+            self.cfg.socket,
+            self.cfg.root,
+            self.cfg.store or "(the root)",
+        )
+        await self._stop.wait()
+        return await self._shutdown()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: no new saves, finishing staged work, draining uploads")
+            self._stop.set()
+
+    async def _shutdown(self) -> int:
+        self._closing = True
+        sdnotify.notify("STOPPING=1", "STATUS=draining")
+        if self._server_sock is not None:
+            asyncio.get_running_loop().remove_reader(self._server_sock.fileno())
+            self._server_sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.socket)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        extender = self._spawn(self._extend_stop_timeout(deadline))
+        ok, left = await self.drain(deadline - time.monotonic())
+        extender.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for store in self._stores.values():
+            with contextlib.suppress(CkptdError, OSError):
+                await store.close()
+        if ok:
+            log.info("drained: everything committed and uploaded; exiting 0")
+            return 0
+        for job in left:
+            log.error("left behind: %s %s (%s)", job.key, job.state, job.error or "not finished")
+        log.error(
+            "%d checkpoint(s) not uploaded at exit; they stay in %s and resume on restart",
+            len(left),
+            self.cfg.root,
+        )
+        return 1
+
+    async def _extend_stop_timeout(self, deadline: float) -> None:
+        while True:
+            left = max(deadline - time.monotonic(), 1.0)
+            sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int((left + 10) * 1e6)}")
+            await asyncio.sleep(5)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("internal task failed: %r", exc, exc_info=exc)
+
+    # ---- root, lock, rescan ----------------------------------------------------------------
+
+    def _prepare_root(self) -> None:
+        root = self.cfg.root
+        try:
+            os.makedirs(os.path.join(root, ".ckptd"), exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create root {root}: {e.strerror}") from e
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"root {root} is not writable by this user")
+        lock_path = os.path.join(root, ".ckptd", "lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"another ckptd daemon (pid {other}) already serves root {root}; "
+                "stop it or use another --root"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _rescan(self) -> None:
+        """Drop what a crash left half-written; find committed checkpoints and owed uploads."""
+        root = self.cfg.root
+        committed = removed = 0
+        for dirpath, dirnames, _ in os.walk(root):
+            depth = dirpath[len(root) :].count(os.sep)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "experiment"]
+            if depth > 12:
+                dirnames[:] = []
+                continue
+            if os.path.basename(dirpath) != "checkpoints":
+                continue
+            dirnames[:] = []
+            for name in os.listdir(dirpath):
+                path = os.path.join(dirpath, name)
+                if not os.path.isdir(path):
+                    continue
+                if name.endswith(".partial") or not os.path.exists(
+                    os.path.join(path, "MANIFEST.json")
+                ):
+                    log.warning("removing incomplete checkpoint directory %s", path)
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+                else:
+                    committed += 1
+        owed = 0
+        for run, tag, store in pending_records(root):
+            manifest = os.path.join(checkpoint_dir(root, run, tag), "MANIFEST.json")
+            if not os.path.exists(manifest):
+                clear_record(root, run, tag)
+                continue
+            try:
+                with open(manifest) as f:
+                    step = int(json.load(f).get("step", -1))
+            except (OSError, ValueError) as e:
+                log.error("unreadable manifest %s: %s", manifest, e)
+                continue
+            job = Job(run=run, tag=tag, step=step, store=store, state=JobState.COMMITTED)
+            job.committed_at = time.time()
+            self._add_job(job)
+            self._enqueue_upload(job)
+            owed += 1
+        log.info(
+            "root %s: %d committed checkpoint(s), %d incomplete removed, %d upload(s) to resume",
+            root,
+            committed,
+            removed,
+            owed,
+        )
+
+    # ---- socket ------------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        path = self.cfg.socket
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead daemon
+            else:
+                raise ConfigError(f"another ckptd daemon is listening on {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._server_sock = sock
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._server_sock is not None
+        while True:
+            sock, _ = await loop.sock_accept(self._server_sock)
+            sock.setblocking(False)
+            conn = _Conn(self._next_cid, sock)
+            self._next_cid += 1
+            self._conns[conn.id] = conn
+            self._spawn(self._serve_conn(conn))
+
+    async def _recv(self, sock: socket.socket) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(sock, 1 << 20, 4)
+            except BlockingIOError:
+                fut: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(sock.fileno(), _wake, fut)
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(sock.fileno())
+                continue
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError("too many file descriptors in one message")
+            return data, fds
+
+    async def _serve_conn(self, conn: _Conn) -> None:
+        reader = FrameReader(MAX_FRAME)
+        try:
+            while True:
+                data, fds = await self._recv(conn.sock)
+                if not data and not fds:
+                    break
+                reader.feed(data, fds)
+                for msg in reader.messages():
+                    await self._dispatch(conn, msg, reader)
+        except ProtocolError as e:
+            log.warning("client %d (pid %s): %s; dropping the connection", conn.id, conn.pid, e)
+            await self._send(conn, {"ev": "error", "error": str(e)})
+        except (ConnectionError, OSError) as e:
+            log.info("client %d (pid %s) went away: %s", conn.id, conn.pid, e)
+        finally:
+            while reader.fds:
+                with contextlib.suppress(OSError):
+                    os.close(reader.fds.popleft())
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.alive = False
+        self._conns.pop(conn.id, None)
+        conn.close_fds()
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    async def _send(self, conn: _Conn | None, msg: dict[str, Any]) -> None:
+        if conn is None or not conn.alive:
+            return
+        frame = encode(msg)
+        try:
+            async with conn.send_lock:
+                await asyncio.get_running_loop().sock_sendall(conn.sock, frame)
+        except OSError as e:
+            log.debug("cannot tell client %d: %s", conn.id, e)
+
+    async def _dispatch(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
+        op = field(msg, "op", str)
+        if op == "hello":
+            conn.pid = field(msg, "pid", int, optional=True)
+            run = field(msg, "run", str, optional=True)
+            conn.run = check_name(run, "run") if run else None
+            store = field(msg, "store", str, optional=True)
+            if store:
+                self._store(store)  # validates the URL now, not at the first upload
+            conn.store = store
+            await self._send(conn, self._welcome(msg))
+        elif op == "slot":
+            self._on_slot(conn, msg, reader)
+        elif op == "save":
+            self._on_save(conn, msg)
+        elif op == "status":
+            await self._send(conn, {"ev": "status", "rid": msg.get("rid"), **self.status()})
+        elif op == "drain":
+            timeout = field(msg, "timeout", (int, float), optional=True)
+            self._spawn(self._reply_drain(conn, msg.get("rid"), timeout))
+        elif op == "bye":
+            raise ConnectionResetError("client said bye")
+        else:
+            raise ProtocolError(f"unknown op {op!r}")
+
+    def _welcome(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ev": "welcome",
+            "rid": msg.get("rid"),
+            "version": __version__,
+            "root": self.cfg.root,
+            "store": self.cfg.store,
+            "pid": os.getpid(),
+            "preempted": self.preempted,
+        }
+
+    def _on_slot(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
+        if not reader.fds:
+            raise ProtocolError("slot message without a file descriptor")
+        fd = reader.fds.popleft()
+        try:
+            index = field(msg, "slot", int)
+            size = field(msg, "size", int)
+            gen = field(msg, "generation", int)
+            if not 0 <= index < _MAX_SLOTS or not 0 < size <= _MAX_SLOT_SIZE:
+                raise ProtocolError(f"slot {index} of {size} bytes is out of range")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < size:
+                raise ProtocolError(f"slot {index}: descriptor is not a {size} byte memory file")
+        except (ProtocolError, OSError):
+            os.close(fd)
+            raise
+        old = conn.slots.pop(index, None)
+        if old is not None:
+            os.close(old[0])
+        conn.slots[index] = (fd, size, gen)
+
+    def _on_save(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        save_id = field(msg, "id", int)
+        run = check_name(field(msg, "run", str), "run")
+        tag = check_name(field(msg, "tag", str), "tag")
+        step = field(msg, "step", int)
+        store = field(msg, "store", str, optional=True) or conn.store or self.cfg.store
+        manifest_in = field(msg, "manifest", dict, optional=True) or {}
+        files, inline, slot_fd, slot_size, total = self._validate_files(conn, msg)
+        job = Job(run=run, tag=tag, step=step, store=store, client=conn.id, save_id=save_id)
+        job.bytes_total = total
+        if self._closing:
+            if slot_fd is not None:
+                os.close(slot_fd)
+            self._spawn(
+                self._fail(
+                    job,
+                    "the daemon is shutting down; save refused",
+                    released=True,
+                    slot=msg.get("slot"),
+                )
+            )
+            return
+        if (old := self.jobs.get(job.key)) is not None and old.pending:
+            if slot_fd is not None:
+                os.close(slot_fd)
+            self._spawn(
+                self._fail(
+                    job, f"{job.key} is already being saved", released=True, slot=msg.get("slot")
+                )
+            )
+            return
+        self._add_job(job)
+        self._spawn(
+            self._write(job, files, inline, slot_fd, slot_size, msg.get("slot"), manifest_in)
+        )
+
+    def _validate_files(
+        self, conn: _Conn, msg: dict[str, Any]
+    ) -> tuple[list[StagedFile], dict[str, bytes], int | None, int, int]:
+        raw_files = field(msg, "files", list)
+        raw_inline = field(msg, "inline", dict, optional=True) or {}
+        names: set[str] = set()
+        files: list[StagedFile] = []
+        slot_fd: int | None = None
+        slot_size = 0
+        if raw_files:
+            index = field(msg, "slot", int)
+            if index not in conn.slots:
+                raise ProtocolError(f"save names slot {index}, which this client never sent")
+            fd, slot_size, gen = conn.slots[index]
+            if field(msg, "generation", int) != gen:
+                raise ProtocolError(
+                    f"save names generation {msg['generation']} of slot {index}, not {gen}"
+                )
+            slot_fd = os.dup(fd)  # the job keeps the memory alive even if the client dies now
+        total = 0
+        try:
+            for raw in raw_files:
+                if not isinstance(raw, dict):
+                    raise ProtocolError("files entries must be maps")
+                name = field(raw, "name", str)
+                header = field(raw, "header", bytes)
+                offset = field(raw, "offset", int)
+                size = field(raw, "size", int)
+                if not _FILE_NAME.match(name) or name in names:
+                    raise ProtocolError(f"bad or repeated file name {name!r}")
+                if offset < 0 or size < 0 or offset + size > slot_size:
+                    raise ProtocolError(
+                        f"{name}: bytes [{offset}, {offset + size}) lie outside the {slot_size} byte slot"
+                    )
+                try:
+                    decode_header(header, len(header) + size)
+                except CkptdError as e:
+                    raise ProtocolError(f"{name}: {e}") from e
+                names.add(name)
+                files.append(StagedFile(name, header, offset, size))
+                total += len(header) + size
+            inline: dict[str, bytes] = {}
+            for name, data in raw_inline.items():
+                if not isinstance(name, str) or not isinstance(data, bytes):
+                    raise ProtocolError("inline files must map names to bytes")
+                if not _FILE_NAME.match(name) or name in names:
+                    raise ProtocolError(f"bad or repeated file name {name!r}")
+                names.add(name)
+                inline[name] = data
+                total += len(data)
+        except ProtocolError:
+            if slot_fd is not None:
+                os.close(slot_fd)
+            raise
+        if not names:
+            if slot_fd is not None:
+                os.close(slot_fd)
+            raise ProtocolError("save with no files")
+        return files, inline, slot_fd, slot_size, total
+
+    # ---- write stage ---------------------------------------------------------------------------
+
+    async def _write(
+        self,
+        job: Job,
+        files: list[StagedFile],
+        inline: dict[str, bytes],
+        slot_fd: int | None,
+        slot_size: int,
+        slot: Any,
+        manifest_in: dict[str, Any],
+    ) -> None:
+        conn = self._conns.get(job.client or -1)
+        released = False
+        partial: str | None = None
+        try:
+            async with self._write_sem:
+                job.state = JobState.WRITING
+                mm = None
+                try:
+                    if slot_fd is not None:
+                        mm = mmap.mmap(
+                            slot_fd, slot_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
+                        )
+                    view = memoryview(mm) if mm is not None else memoryview(b"")
+
+                    def progress(n: int) -> None:
+                        job.bytes_written += n
+                        self._bytes_written_total += n
+
+                    try:
+                        partial, records = await asyncio.to_thread(
+                            write_staged,
+                            self.cfg.root,
+                            job.run,
+                            job.tag,
+                            files,
+                            inline,
+                            view,
+                            progress,
+                        )
+                    finally:
+                        view.release()
+                finally:
+                    if mm is not None:
+                        mm.close()
+                    if slot_fd is not None:
+                        os.close(slot_fd)
+                released = True
+                await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
+                manifest = self._manifest(job, manifest_in, records)
+                uploading = job.store is not None and not self._store_is_root(job.store)
+                if uploading:
+                    assert job.store is not None
+                    await asyncio.to_thread(
+                        write_record, self.cfg.root, job.run, job.tag, job.store
+                    )
+                final = await asyncio.to_thread(commit, partial, manifest)
+                partial = None
+                await self._maybe_update_latest(job)
+        except (OSError, CkptdError) as e:
+            msg = f"could not commit {job.key}: {e}"
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                msg = f"could not commit {job.key}: the disk under {self.cfg.root} is full"
+            if partial:
+                shutil.rmtree(partial, ignore_errors=True)
+            log.error(msg)
+            await self._fail(job, msg, released=not released, slot=slot)
+            return
+        job.state = JobState.COMMITTED
+        job.committed_at = time.time()
+        log.info("committed %s (%d bytes) in %s", job.key, job.bytes_total, final)
+        await self._send(
+            conn, {"ev": "committed", "id": job.save_id, "tag": job.tag, "path": final}
+        )
+        if uploading:
+            self._enqueue_upload(job)
+        else:
+            await self._finish(job)
+
+    def _manifest(self, job: Job, given: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
+        allowed = (
+            "training_iteration",
+            "model_config",
+            "git_commit",
+            "rank",
+            "world_size",
+            "meta",
+            "torch_version",
+            "host",
+            "pid",
+        )
+        manifest = {k: given[k] for k in allowed if k in given}
+        manifest.update(
+            format=FORMAT,
+            run_id=job.run,
+            tag=job.tag,
+            step=job.step,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            ckptd_version=__version__,
+            files=files,
+        )
+        manifest.setdefault("torch_version", torch.__version__)
+        return manifest
+
+    async def _maybe_update_latest(self, job: Job) -> None:
+        newest = self._latest_step.get(job.run)
+        if newest is None:
+            newest = await asyncio.to_thread(self._read_latest_step, job.run)
+        if job.step >= newest:
+            await asyncio.to_thread(update_latest, self.cfg.root, job.run, job.tag)
+            self._latest_step[job.run] = job.step
+        else:
+            self._latest_step[job.run] = newest
+
+    def _read_latest_step(self, run: str) -> int:
+        try:
+            with open(os.path.join(self.cfg.root, run, "latest")) as f:
+                tag = f.read().strip()
+            with open(os.path.join(checkpoint_dir(self.cfg.root, run, tag), "MANIFEST.json")) as f:
+                return int(json.load(f).get("step", -1))
+        except (OSError, ValueError):
+            return -1
+
+    # ---- upload stage ----------------------------------------------------------------------------
+
+    def _store_is_root(self, url: str) -> bool:
+        return is_local(url) and local_path(url) == self.cfg.root
+
+    def _store(self, url: str) -> Store:
+        store = self._stores.get(url)
+        if store is None:
+            store = self._stores[url] = open_store(url)
+        return store
+
+    def _enqueue_upload(self, job: Job) -> None:
+        self._upload_queue.append(job)
+        self._upload_wake.set()
+
+    def _next_upload(self) -> Job | None:
+        if not self._upload_queue:
+            return None
+        if self.preempted:  # newest first when the machine is going away
+            self._upload_queue.sort(key=lambda j: -j.step)
+        return self._upload_queue.pop(0)
+
+    async def _upload_worker(self) -> None:
+        from ..storage.retry import with_retries
+
+        while True:
+            job = self._next_upload()
+            if job is None:
+                self._upload_wake.clear()
+                await self._upload_wake.wait()
+                continue
+            assert job.store is not None
+            job.state = JobState.UPLOADING
+            job.upload_started = job.upload_started or time.time()
+
+            def progress(n: int, job: Job = job) -> None:
+                job.bytes_uploaded += n
+                self._bytes_uploaded_total += n
+
+            def on_retry(attempt: int, exc: BaseException, job: Job = job) -> None:
+                job.retries += 1
+                job.error = str(exc)
+
+            def retrying(fn: Any, *, what: str) -> Any:
+                return with_retries(fn, what=what, on_retry=on_retry)
+
+            try:
+                store = self._store(job.store)
+                job.bytes_uploaded = 0
+                await upload_checkpoint(
+                    store,
+                    self.cfg.root,
+                    job.run,
+                    job.tag,
+                    file_concurrency=self.cfg.file_concurrency,
+                    progress=progress,
+                    with_retries=retrying,
+                )
+                await update_remote_latest(store, job.run, job.tag, retrying)
+                await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
+            except PermanentStorageError as e:
+                job.error = f"upload of {job.key} to {job.store} failed: {e}"
+                log.error("%s (the local copy stays in %s)", job.error, self.cfg.root)
+                job.state = JobState.FAILED
+                await self._notify_failed(job, job.error)
+                continue
+            except (StorageError, CkptdError, OSError) as e:
+                job.error = f"upload of {job.key} to {job.store} interrupted: {e}"
+                log.warning("%s; will retry", job.error)
+                job.state = JobState.COMMITTED
+                job.retries += 1
+                self._spawn(self._requeue_later(job, min(60.0, 2.0 ** min(job.retries, 6))))
+                continue
+            job.error = None
+            log.info("uploaded %s to %s", job.key, job.store)
+            await self._finish(job)
+
+    async def _requeue_later(self, job: Job, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if job.pending:
+            self._enqueue_upload(job)
+
+    async def _finish(self, job: Job) -> None:
+        job.state = JobState.UPLOADED
+        job.uploaded_at = time.time()
+        await self._send(self._conns.get(job.client or -1), {"ev": "uploaded", "id": job.save_id})
+        await self._changed()
+
+    async def _fail(self, job: Job, error: str, *, released: bool, slot: Any) -> None:
+        job.state = JobState.FAILED
+        job.error = error
+        conn = self._conns.get(job.client or -1)
+        if released:
+            await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
+        await self._notify_failed(job, error)
+
+    async def _notify_failed(self, job: Job, error: str) -> None:
+        conn = self._conns.get(job.client or -1)
+        await self._send(conn, {"ev": "failed", "id": job.save_id, "error": error})
+        await self._changed()
+
+    async def _changed(self) -> None:
+        async with self._change:
+            self._change.notify_all()
+
+    def _add_job(self, job: Job) -> None:
+        self.jobs[job.key] = job
+        if len(self.jobs) > _KEEP_FINISHED * 2:
+            done = [k for k, j in self.jobs.items() if j.state in FINAL]
+            for k in done[: len(done) - _KEEP_FINISHED]:
+                del self.jobs[k]
+
+    # ---- status and drain ------------------------------------------------------------------------
+
+    def unfinished(self) -> list[Job]:
+        """Jobs still pending, and upload failures: checkpoints that are not in their store."""
+        return [
+            j
+            for j in self.jobs.values()
+            if j.pending or (j.state == JobState.FAILED and j.committed_at is not None)
+        ]
+
+    async def drain(self, timeout: float | None) -> tuple[bool, list[Job]]:
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+        def settled() -> bool:
+            return not any(j.pending for j in self.jobs.values())
+
+        async with self._change:
+            while not settled():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._change.wait(), timeout=min(left or 1.0, 1.0))
+        left_jobs = self.unfinished()
+        return not left_jobs, left_jobs
+
+    async def _reply_drain(self, conn: _Conn, rid: Any, timeout: float | None) -> None:
+        ok, left = await self.drain(timeout)
+        await self._send(
+            conn, {"ev": "drained", "rid": rid, "ok": ok, "pending": [j.as_dict() for j in left]}
+        )
+
+    def status(self) -> dict[str, Any]:
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created)
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[str(j.state)] = counts.get(str(j.state), 0) + 1
+        uptime = time.time() - self._started
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "root": self.cfg.root,
+            "socket": self.cfg.socket,
+            "store": self.cfg.store,
+            "uptime": uptime,
+            "clients": len(self._conns),
+            "closing": self._closing,
+            "preempted": self.preempted,
+            "counts": counts,
+            "upload_queue": len(self._upload_queue),
+            "bytes_written": self._bytes_written_total,
+            "bytes_uploaded": self._bytes_uploaded_total,
+            "jobs": [j.as_dict() for j in jobs[-50:]],
+        }

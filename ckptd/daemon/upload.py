@@ -1,0 +1,127 @@
+"""Upload stage: committed checkpoint -> store. Data files first, MANIFEST.json, then ``latest``.
+
+Uploads read the committed files themselves (never a staging copy). Whether a checkpoint still
+needs uploading is on disk, not in memory: ``<root>/.ckptd/uploads/<run>/<tag>.json`` is written
+before the manifest and removed after the store has the manifest, so a restarted daemon finds
+every upload it owes. Resumable state of each file (multipart ids, session URIs) lives in
+``<root>/.ckptd/journal/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import NotFoundError
+from ..storage import Store, join_key
+from .commit import checkpoint_dir, write_atomic
+
+log = logging.getLogger("ckptd.upload")
+
+
+def _run_file(run: str) -> str:
+    return run.replace("/", "~")  # '~' is not allowed in run names, so this is reversible
+
+
+def record_path(root: str, run: str, tag: str) -> str:
+    return os.path.join(root, ".ckptd", "uploads", _run_file(run), f"{tag}.json")
+
+
+def journal_dir(root: str, run: str, tag: str) -> str:
+    return os.path.join(root, ".ckptd", "journal", _run_file(run), tag)
+
+
+def write_record(root: str, run: str, tag: str, store: str) -> None:
+    path = record_path(root, run, tag)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, json.dumps({"store": store}).encode())
+
+
+def clear_record(root: str, run: str, tag: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record_path(root, run, tag))
+    jdir = journal_dir(root, run, tag)
+    if os.path.isdir(jdir):
+        for name in os.listdir(jdir):
+            os.unlink(os.path.join(jdir, name))
+        os.rmdir(jdir)
+
+
+def pending_records(root: str) -> list[tuple[str, str, str]]:
+    """Every (run, tag, store) whose upload is owed, as left on disk."""
+    base = os.path.join(root, ".ckptd", "uploads")
+    out = []
+    if not os.path.isdir(base):
+        return out
+    for run_file in sorted(os.listdir(base)):
+        for name in sorted(os.listdir(os.path.join(base, run_file))):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(base, run_file, name)) as f:
+                    store = json.load(f)["store"]
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("unreadable upload record %s/%s: %s", run_file, name, e)
+                continue
+            out.append((run_file.replace("~", "/"), name[: -len(".json")], store))
+    return out
+
+
+async def upload_checkpoint(
+    store: Store,
+    root: str,
+    run: str,
+    tag: str,
+    *,
+    file_concurrency: int,
+    progress: Callable[[int], None],
+    with_retries: Callable[..., Any],
+) -> None:
+    """Upload one committed checkpoint; raises a StorageError subclass when it cannot."""
+    ck = checkpoint_dir(root, run, tag)
+    try:
+        with open(os.path.join(ck, "MANIFEST.json"), "rb") as f:
+            manifest_bytes = f.read()
+    except FileNotFoundError as e:
+        raise NotFoundError(f"checkpoint {run}@{tag} is not committed locally") from e
+    manifest = json.loads(manifest_bytes)
+    prefix = join_key(run, "checkpoints", tag)
+    jdir = journal_dir(root, run, tag)
+    os.makedirs(jdir, exist_ok=True)
+    sem = asyncio.Semaphore(file_concurrency)
+
+    async def one(name: str, rec: dict[str, Any]) -> None:
+        async with sem:
+            await with_retries(
+                lambda: store.put_file(
+                    join_key(prefix, name),
+                    os.path.join(ck, name),
+                    size=int(rec["size"]),
+                    crc32c=int(rec["crc32c"], 16),
+                    journal=os.path.join(jdir, name + ".json"),
+                    progress=progress,
+                ),
+                what=f"upload {run}@{tag}/{name}",
+            )
+
+    # Largest first, so the long pole starts early.
+    files = sorted(manifest["files"].items(), key=lambda kv: -int(kv[1]["size"]))
+    await asyncio.gather(*(one(n, r) for n, r in files))
+    await with_retries(
+        lambda: store.put_bytes(join_key(prefix, "MANIFEST.json"), manifest_bytes),
+        what=f"upload {run}@{tag}/MANIFEST.json",
+    )
+
+
+async def update_remote_latest(
+    store: Store, run: str, tag: str, with_retries: Callable[..., Any]
+) -> None:
+    await with_retries(
+        lambda: store.put_bytes(join_key(run, "latest"), (tag + "\n").encode()),
+        what=f"update {run}/latest",
+    )

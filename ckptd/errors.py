@@ -1,0 +1,78 @@
+"""One exception tree for everything ckptd raises.
+
+    CkptdError
+    ├── ConfigError             bad argument, URL, name or option (the user must change something)
+    ├── SerializationError      state that is not plain data / not a tensor (raised before staging)
+    ├── DaemonUnavailableError  no daemon on the socket, or the connection to it was lost
+    ├── ProtocolError           a malformed, truncated or oversized message on the socket
+    ├── SaveError               the daemon could not commit or upload a checkpoint
+    ├── IntegrityError          a file does not match its manifest (size or checksum), or is torn
+    ├── NotFoundError           no such checkpoint, object or run (also a FileNotFoundError)
+    └── StorageError            an object store operation failed
+        ├── TransientStorageError   worth retrying: 5xx, throttling, timeouts, resets
+        └── PermanentStorageError   retrying will not help: 403, no bucket, bad credentials
+
+Retry decisions look at the type alone. Errors from the layers below (botocore, aiohttp, OSError)
+are translated at one boundary per backend.
+"""
+
+from __future__ import annotations
+
+
+class CkptdError(Exception):
+    """Base of every error ckptd raises on purpose."""
+
+
+class ConfigError(CkptdError, ValueError):
+    """A wrong argument, option, URL or name."""
+
+
+class SerializationError(CkptdError, TypeError):
+    """Something in the state is not a tensor or plain data; nothing was staged."""
+
+
+class DaemonUnavailableError(CkptdError, ConnectionError):
+    """The daemon cannot be reached, or went away."""
+
+
+class ProtocolError(CkptdError):
+    """A message on the socket is malformed, truncated, oversized or of the wrong shape."""
+
+
+class SaveError(CkptdError):
+    """The daemon failed to commit or upload a checkpoint."""
+
+
+class IntegrityError(CkptdError):
+    """A stored file does not match what its manifest records."""
+
+
+class NotFoundError(CkptdError, FileNotFoundError):
+    """No such checkpoint, run or object."""
+
+
+class StorageError(CkptdError):
+    """An object store operation failed."""
+
+
+class TransientStorageError(StorageError):
+    """A storage failure that a retry may fix (5xx, throttling, timeout, reset)."""
+
+
+class PermanentStorageError(StorageError):
+    """A storage failure that retrying will not fix (access denied, no such bucket)."""
+
+
+__all__ = [
+    "CkptdError",
+    "ConfigError",
+    "DaemonUnavailableError",
+    "IntegrityError",
+    "NotFoundError",
+    "PermanentStorageError",
+    "ProtocolError",
+    "SaveError",
+    "SerializationError",
+    "StorageError",
+    "TransientStorageError",
+]

@@ -1,0 +1,110 @@
+"""Copy a planned save into its arena slot: the only work ``save()`` does on the loop's time.
+
+CPU tensors are copied at once (``torch._foreach_copy_``, which releases the GIL per kernel).
+CUDA tensors are copied device-to-host into the pinned slot asynchronously: module buffers and
+extras on the current stream (so the next forward, which may update running statistics, is
+ordered after the copy), parameters and optimizer state on a side stream that first waits for the
+current one, so the copy overlaps the next forward/backward. The returned ``Fence`` is what the
+next ``optimizer.step`` waits on (GPU-side, the CPU is not blocked) and what the sender thread
+waits on before telling the daemon the slot is ready.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arena import Slot
+from .fmt import TORCH_DTYPES, SavePlan
+
+
+class Fence:
+    """Completion of one staging copy. Already complete for CPU-only state."""
+
+    def __init__(self, events: list[torch.cuda.Event] | None = None) -> None:
+        self._events = events or []
+
+    @property
+    def is_async(self) -> bool:
+        return bool(self._events)
+
+    def synchronize(self) -> None:
+        """Block the calling CPU thread until the copy has landed in the slot."""
+        for e in self._events:
+            e.synchronize()
+
+    def gpu_wait(self) -> None:
+        """Make the current CUDA stream wait for the copy (no CPU blocking)."""
+        if self._events:
+            stream = torch.cuda.current_stream()
+            for e in self._events:
+                stream.wait_event(e)
+
+    def done(self) -> bool:
+        return all(e.query() for e in self._events)
+
+
+class Stager:
+    def __init__(self) -> None:
+        self._side: torch.cuda.Stream | None = None
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._side is None or self._side.device != device:
+            self._side = torch.cuda.Stream(device=device)
+        return self._side
+
+    def stage(self, plan: SavePlan, slot: Slot) -> Fence:
+        buf = slot.buf
+        assert buf is not None
+        cpu_dst: list[torch.Tensor] = []
+        cpu_src: list[torch.Tensor] = []
+        cuda_now: list[tuple[torch.Tensor, torch.Tensor]] = []
+        cuda_side: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for f in plan.files:
+            for ts in f.tensors:
+                n = ts.end - ts.begin
+                if n == 0:
+                    continue
+                dst = buf[ts.arena_offset : ts.arena_offset + n].view(TORCH_DTYPES[ts.dtype])
+                dst = dst.view(ts.shape)
+                src = ts.src
+                if src.device.type == "cuda":
+                    pair = (dst, src)
+                    (cuda_now if f"{f.name}/{ts.name}" in plan.sync_names else cuda_side).append(
+                        pair
+                    )
+                else:
+                    if src.device.type != "cpu":
+                        src = src.cpu()
+                    cpu_dst.append(dst)
+                    cpu_src.append(src)
+        if cpu_dst:
+            _copy_all(cpu_dst, cpu_src)
+        events: list[torch.cuda.Event] = []
+        if cuda_now or cuda_side:
+            device = (cuda_now or cuda_side)[0][1].device
+            current = torch.cuda.current_stream(device)
+            for dst, src in cuda_now:
+                dst.copy_(src, non_blocking=True)
+            if cuda_now:
+                ev = torch.cuda.Event()
+                ev.record(current)
+                events.append(ev)
+            if cuda_side:
+                side = self._side_stream(device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for dst, src in cuda_side:
+                        dst.copy_(src, non_blocking=True)
+                        src.record_stream(side)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                events.append(ev)
+        return Fence(events)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    try:
+        torch._foreach_copy_(dst, src)
+    except (RuntimeError, TypeError):
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)

@@ -1,0 +1,255 @@
+"""The one small protocol every store backend implements.
+
+Keys are '/'-separated paths relative to the store's URL (``<run>/checkpoints/<tag>/<file>``).
+Constructors do no network I/O; ``check_access()`` is the one explicit probe. Backends translate
+their SDK's errors at one boundary into ``TransientStorageError`` (retry), ``PermanentStorageError``
+(give up) or ``NotFoundError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+
+from ..errors import IntegrityError, TransientStorageError
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of bytes just transferred (a delta, not a total)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Store(abc.ABC):
+    """An object store rooted at ``url``. Safe to share between tasks of one event loop."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def check_access(self) -> None:
+        """Fail fast with a clear ``PermanentStorageError`` (no bucket, no credentials, denied)."""
+
+    @abc.abstractmethod
+    async def put_file(
+        self,
+        key: str,
+        path: str,
+        *,
+        size: int,
+        crc32c: int,
+        journal: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Upload the local file ``path`` to ``key``, straight from the file, memory bounded.
+
+        ``crc32c`` is the file's CRC32C as the manifest records it; the backend has the server
+        verify it (or verifies what the server reports) and raises ``IntegrityError`` on mismatch.
+        ``journal``, when given, is a local file path where the backend may persist resumable
+        state (upload id, finished parts, session URI) so that a restarted daemon resumes instead of
+        starting over; it is deleted once the object is complete.
+        """
+
+    @abc.abstractmethod
+    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write a small object in one request. ``if_absent`` makes it create-only."""
+
+    @abc.abstractmethod
+    async def get_bytes(
+        self, key: str, *, start: int | None = None, end: int | None = None
+    ) -> bytes:
+        """Read a whole object or the byte range [start, end). ``NotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    async def get_file(self, key: str, path: str, *, size: int | None = None) -> None:
+        """Download ``key`` into the local file ``path`` (concurrent ranged reads where possible)."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    async def abort_stale_uploads(self, prefix: str, older_than_s: float) -> int:
+        """Abort unfinished multipart/resumable uploads under ``prefix``; returns how many."""
+        return 0
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Idempotent."""
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with '/', ignoring empty parts (``Path`` would mangle ``gs://``)."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+# -- Helpers shared by the network backends (S3, GCS) -------------------------------------------
+
+# CRC32C of a concatenation from the CRCs of its pieces (zlib's crc32_combine, for the
+# Castagnoli polynomial): lets parts be read and checksummed concurrently, in any order.
+_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> list[int]:
+    table = [1 << 30]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return table
+
+
+_X2N = _x2n_table()
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of ``A + B`` given ``crc(A)``, ``crc(B)`` and ``len(B)``."""
+    p = 1 << 31  # x^0
+    k = 3  # len2 bytes = len2 * 2**3 bits
+    n = len2
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+def read_range_crc(path: str, offset: int, length: int) -> tuple[bytes, int]:
+    """Read ``length`` bytes at ``offset`` straight from the file (``os.pread``, no staging copy)
+    and return them with their CRC32C. Runs in a worker thread; both calls release the GIL."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks: list[bytes] = []
+        got = 0
+        while got < length:
+            chunk = os.pread(fd, length - got, offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return data, _crc32c.crc32c(data)
+
+
+def load_journal(path: str) -> dict[str, Any] | None:
+    """The upload journal at ``path``, or None when it is missing or unreadable (start over)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def save_journal(path: str, state: dict[str, Any]) -> None:
+    """Write the upload journal atomically (temp file, fsync, rename): a crash mid-write keeps
+    the previous version, never a torn one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, separators=(",", ":"), sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_journal(path: str | None) -> None:
+    """Delete a finished or abandoned upload journal; a missing one is fine."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def run_all(coros: list[Awaitable[None]]) -> None:
+    """Run ``coros`` concurrently; on the first failure cancel the rest and raise that error
+    itself (not an ExceptionGroup), so callers can catch it by type."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+async def download_ranges(
+    path: str,
+    total: int,
+    chunk: int,
+    concurrency: int,
+    slots: asyncio.Semaphore,
+    fetch: Callable[[int, int], Awaitable[bytes]],
+    what: str,
+) -> None:
+    """Fetch ``[0, total)`` in ranges, several at once, ``pwrite`` each into a temporary file
+    beside ``path``, fsync and rename: a failed download never leaves a torn file at ``path``."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        await asyncio.to_thread(os.ftruncate, fd, total)
+        starts = iter(range(0, total, chunk))
+
+        async def worker() -> None:
+            for start in starts:
+                end = min(start + chunk, total)
+                async with slots:
+                    try:
+                        data = await fetch(start, end)
+                    except FileExistsError as e:  # If-Match failed: the object was replaced
+                        raise IntegrityError(f"{what}: object changed during download") from e
+                    if len(data) != end - start:
+                        raise TransientStorageError(
+                            f"{what}: range {start}-{end} returned {len(data)} bytes"
+                        )
+                    await asyncio.to_thread(_pwrite_all, fd, data, start)
+
+        await run_all([worker() for _ in range(concurrency)])
+        await asyncio.to_thread(os.fsync, fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

@@ -1,0 +1,187 @@
+"""Unit tests: plain-data trees, the safetensors layout, names, the wire format, the facade."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import msgpack
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import ckptd
+from ckptd.errors import ConfigError, ProtocolError, SerializationError
+from ckptd.fmt import ALIGN, plan_save
+from ckptd.names import check_name, make_tag
+from ckptd.protocol import MAX_FRAME, FrameReader, encode, field
+from ckptd.tree import flatten, unflatten
+from tests.helpers import Net, bitwise_equal
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(ckptd.__all__) == sorted(
+        [
+            "Backpressure", "Checkpointer", "CkptdError", "ConfigError", "DaemonUnavailableError",
+            "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "SaveError",
+            "SaveHandle", "SerializationError", "StorageError", "TransientStorageError",
+            "__version__", "attach", "list_checkpoints", "load", "verify",
+        ]
+    )  # fmt: skip
+    for name in ckptd.__all__:
+        assert hasattr(ckptd, name)
+
+
+def test_tree_round_trip_keeps_types() -> None:
+    rng = np.random.RandomState(3)
+    obj = {
+        "a": (1, 2.5, "x", None, True),
+        "nested": {"list": [b"raw", {"t": torch.arange(4)}], 3: "int key"},
+        "np_state": rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "big": 2**70,
+        "scalar": np.float32(1.5),
+    }
+    skel, tensors = flatten(obj, "extra")
+    packed = msgpack.unpackb(msgpack.packb(skel, use_bin_type=True), raw=False, strict_map_key=False)
+    back = unflatten(packed, tensors)
+    assert back["a"] == obj["a"] and isinstance(back["a"], tuple)
+    assert back["nested"][3] == "int key"
+    assert back["big"] == 2**70
+    assert back["scalar"] == 1.5
+    assert torch.equal(back["nested"]["list"][1]["t"], torch.arange(4))
+    rng2 = np.random.RandomState()
+    rng2.set_state(back["np_state"])  # a real consumer accepts it
+    assert rng2.randint(1000) == np.random.RandomState(3).randint(1000)
+    assert bitwise_equal(back["torch_rng"], obj["torch_rng"])
+
+
+def test_tree_json_mode_survives_json() -> None:
+    obj = {"b": b"\x00\x01", "inf": float("inf"), "t": (1, 2), 0: {"x": 1}}
+    skel, _ = flatten(obj, "", json_safe=True)
+    back = unflatten(json.loads(json.dumps(skel, allow_nan=False)), {})
+    assert back == obj
+
+
+@pytest.mark.parametrize(
+    "bad", [lambda: 1, io.BytesIO(), object(), {"k": {1, 2}}, np.array([object()], dtype=object)]
+)
+def test_non_plain_data_is_refused_with_its_path(bad: object) -> None:
+    with pytest.raises(SerializationError, match="extra"):
+        flatten({"inner": [bad]}, "extra")
+
+
+def _write(plan, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Materialise a plan the way the daemon does: header + arena bytes."""
+    arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
+    for f in plan.files:
+        for ts in f.tensors:
+            if ts.end > ts.begin:
+                from ckptd.fmt import TORCH_DTYPES
+
+                dst = arena[ts.arena_offset : ts.arena_offset + ts.end - ts.begin]
+                dst.view(TORCH_DTYPES[ts.dtype]).view(ts.shape).copy_(ts.src)
+    paths = {}
+    for f in plan.files:
+        assert f.arena_offset % ALIGN == 0
+        p = tmp_path / f.name
+        p.write_bytes(f.header + arena[f.arena_offset : f.arena_offset + f.data_size].numpy().tobytes())
+        paths[f.name] = str(p)
+    return paths
+
+
+def test_weight_file_is_plain_safetensors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = Net()
+    plan = plan_save({"model": model}, {}, None)
+    paths = _write(plan, tmp_path)
+    loaded = safetensors.torch.load_file(paths["model.weights.safetensors"])
+    sd = model.state_dict()
+    # The tied head is stored once; everything else under its own key, bit for bit.
+    assert "head.weight" not in loaded and "embed.weight" in loaded
+    for k, v in sd.items():
+        if k != "head.weight":
+            assert bitwise_equal(loaded[k], v.contiguous()), k
+    with safetensors.safe_open(paths["model.weights.safetensors"], "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ckptd.aliases"]) == {"head.weight": "embed.weight"}
+
+
+def test_optimizer_file_keeps_param_groups(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = Net()
+    opt = torch.optim.AdamW(
+        [{"params": list(model.body.parameters()), "lr": 1e-3}, {"params": [model.embed.weight]}],
+        lr=1e-2,
+        betas=(0.8, 0.9),
+    )
+    model(torch.randint(0, 64, (4, 3))).sum().backward()
+    opt.step()
+    plan = plan_save({}, {"model": opt}, None)
+    paths = _write(plan, tmp_path)
+    tensors = safetensors.torch.load_file(paths["model.optim.safetensors"])
+    assert "state.0.exp_avg" in tensors
+    with safetensors.safe_open(paths["model.optim.safetensors"], "pt") as f:
+        skel = json.loads(f.metadata()["ckptd.optimizer"])
+    back = unflatten(skel, tensors)
+    assert bitwise_equal(back, opt.state_dict())
+    assert back["param_groups"][0]["betas"] == (0.8, 0.9)
+
+
+def test_plan_refuses_bad_state_before_copying() -> None:
+    with pytest.raises(SerializationError):
+        plan_save({"model": torch.nn.Linear(2, 2)}, {}, {"fn": lambda: 0})
+    with pytest.raises(SerializationError):
+        plan_save({"model": {"w": torch.zeros(2).to_sparse()}}, {}, None)
+    with pytest.raises(SerializationError):
+        plan_save({"model": 42}, {}, None)
+
+
+def test_tensors_are_aligned_in_data_section() -> None:
+    sd = {f"t{i}": torch.zeros(random.Random(i).randint(0, 9), dtype=dt)
+          for i, dt in enumerate([torch.int8, torch.float64, torch.float16, torch.float32] * 3)}  # fmt: skip
+    plan = plan_save({"model": sd}, {}, None)
+    (f,) = plan.files
+    header_len = len(f.header)
+    assert header_len % 8 == 0
+    for ts in f.tensors:
+        assert ts.begin % ts.src.element_size() == 0
+
+
+def test_names_refuse_traversal() -> None:
+    for bad in ["../x", "/abs", "a/../b", "x\0y", "", ".hidden", "a b", "t.partial", 3, "-x"]:
+        with pytest.raises(ConfigError):
+            check_name(bad, "tag")
+    for bad in ["a//b", "a/./b", "../a"]:
+        with pytest.raises(ConfigError):
+            check_name(bad, "run")
+    assert check_name("proj/name/2026-11-25_10-00-00", "run")
+    with pytest.raises(ConfigError):
+        check_name("optimizer", "model name")
+    assert make_tag(12) == "step-00000012"
+    assert make_tag(12, epoch=1, sample=384) == "E1_U12_S384"
+
+
+def test_frame_reader_handles_partial_and_bad_frames() -> None:
+    r = FrameReader()
+    frame = encode({"op": "status", "rid": 1})
+    r.feed(frame[:3])
+    assert r.messages() == []
+    r.feed(frame[3:] + frame)
+    assert [m["op"] for m in r.messages()] == ["status", "status"]
+    r = FrameReader()
+    r.feed((MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        r.messages()
+    r = FrameReader()
+    r.feed(len(msgpack.packb([1, 2])).to_bytes(4, "big") + msgpack.packb([1, 2]))
+    with pytest.raises(ProtocolError, match="not a map"):
+        r.messages()
+    r = FrameReader()
+    r.feed(b"\x00\x00\x00\x02\xc1\xc1")
+    with pytest.raises(ProtocolError):
+        r.messages()
+    with pytest.raises(ProtocolError):
+        field({"op": "save", "id": "7"}, "id", int)
+    with pytest.raises(ProtocolError):
+        field({"op": "save", "id": True}, "id", int)
