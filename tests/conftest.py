@@ -55,7 +55,10 @@ def make_daemon(short_dir: str, tmp_path) -> Iterator:  # type: ignore[no-untype
     started: list[DaemonHandle] = []
 
     def make(
-        root: str | None = None, store: str | None = None, args: list[str] | None = None, name: str = "d"
+        root: str | None = None,
+        store: str | None = None,
+        args: list[str] | None = None,
+        name: str = "d",
     ) -> DaemonHandle:
         h = DaemonHandle(
             root or str(tmp_path / f"root-{name}"),

@@ -18,7 +18,9 @@ class Net(nn.Module):
     def __init__(self, vocab: int = 64, width: int = 16) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
-        self.body = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.body = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
         self.bn = nn.BatchNorm1d(width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.embed.weight
@@ -35,7 +37,9 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int, sched: Any = None) -> list[float]:
+def train_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, n: int, seed: int, sched: Any = None
+) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(n):

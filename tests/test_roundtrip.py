@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +65,9 @@ def test_model_and_optimizer_round_trip_bitwise(daemon, kind: str) -> None:  # t
     assert model2.head.weight is model2.embed.weight
     assert bitwise_equal(model2.state_dict(), expect["model"])
     assert bitwise_equal(opt2.state_dict(), expect["opt"])
-    assert train_steps(model, opt, 3, seed=9, sched=sched) == train_steps(model2, opt2, 3, seed=9, sched=sched2)
+    assert train_steps(model, opt, 3, seed=9, sched=sched) == train_steps(
+        model2, opt2, 3, seed=9, sched=sched2
+    )
 
 
 def test_store_layout_and_manifest(daemon) -> None:  # type: ignore[no-untyped-def]
@@ -81,8 +84,16 @@ def test_store_layout_and_manifest(daemon) -> None:  # type: ignore[no-untyped-d
     assert names == sorted(["encoder.weights.safetensors", "decoder.weights.safetensors",
                             "ema.weights.safetensors", "encoder.optim.safetensors",
                             "extra.msgpack", "MANIFEST.json"])  # fmt: skip
-    manifest = json.load(open(os.path.join(ck, "MANIFEST.json")))
-    for key in ("run_id", "tag", "training_iteration", "model_config", "files", "created", "torch_version"):
+    manifest = json.loads(Path(ck, "MANIFEST.json").read_text())
+    for key in (
+        "run_id",
+        "tag",
+        "training_iteration",
+        "model_config",
+        "files",
+        "created",
+        "torch_version",
+    ):
         assert key in manifest, key
     assert manifest["training_iteration"] == {"epoch": 1, "update": 5, "sample": 640}
     assert manifest["model_config"]["encoder"]["class"].endswith("Net")
@@ -93,7 +104,7 @@ def test_store_layout_and_manifest(daemon) -> None:  # type: ignore[no-untyped-d
     assert torch.equal(w["body.0.weight"], enc.body[0].weight)
     custom = os.listdir(os.path.join(run, "checkpoints", "custom-tag"))
     assert "model.optim.safetensors" not in custom and "model.weights.safetensors" in custom
-    assert open(os.path.join(run, "latest")).read().strip() == "custom-tag"
+    assert Path(run, "latest").read_text().strip() == "custom-tag"
     state = ckptd.load(run, tag="E1_U5_S640")
     assert set(state) >= {"encoder", "decoder", "ema", "optimizers", "extra", "meta"}
     assert state["extra"] == {"note": "hi"}

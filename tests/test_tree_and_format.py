@@ -45,7 +45,9 @@ def test_tree_round_trip_keeps_types() -> None:
         "scalar": np.float32(1.5),
     }
     skel, tensors = flatten(obj, "extra")
-    packed = msgpack.unpackb(msgpack.packb(skel, use_bin_type=True), raw=False, strict_map_key=False)
+    packed = msgpack.unpackb(
+        msgpack.packb(skel, use_bin_type=True), raw=False, strict_map_key=False
+    )
     back = unflatten(packed, tensors)
     assert back["a"] == obj["a"] and isinstance(back["a"], tuple)
     assert back["nested"][3] == "int key"
@@ -87,7 +89,9 @@ def _write(plan, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     for f in plan.files:
         assert f.arena_offset % ALIGN == 0
         p = tmp_path / f.name
-        p.write_bytes(f.header + arena[f.arena_offset : f.arena_offset + f.data_size].numpy().tobytes())
+        p.write_bytes(
+            f.header + arena[f.arena_offset : f.arena_offset + f.data_size].numpy().tobytes()
+        )
         paths[f.name] = str(p)
     return paths
 

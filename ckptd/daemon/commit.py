@@ -46,17 +46,21 @@ def crc_hex(value: int) -> str:
 def write_file(path: str, header: bytes, data: memoryview, progress: Callable[[int], None]) -> int:
     """Write header + data to ``path`` and fsync; returns the CRC32C of the whole file."""
     crc_future = _HASHERS.submit(_crc_of, header, data)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        _write_all(fd, memoryview(header))
-        pos = 0
-        while pos < len(data):
-            n = _write_all(fd, data[pos : pos + _CHUNK])
-            pos += n
-            progress(n)
-        os.fsync(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, memoryview(header))
+            pos = 0
+            while pos < len(data):
+                n = _write_all(fd, data[pos : pos + _CHUNK])
+                pos += n
+                progress(n)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        # The hasher reads the same shared memory: it must be done before the caller unmaps.
+        concurrent.futures.wait([crc_future])
     return crc_future.result()
 
 
@@ -107,6 +111,28 @@ def write_staged(
         crc = write_file(os.path.join(partial, name), b"", memoryview(data), progress)
         records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
     return partial, records
+
+
+def write_staged_safely(
+    *args: Any,
+) -> tuple[str | None, dict[str, dict[str, Any]], Exception | None]:
+    """``write_staged`` that returns its error instead of raising it.
+
+    A raised error's traceback would keep slices of the shared-memory view alive in its frames,
+    and the caller could then not unmap the slot. The returned error carries no traceback.
+    """
+    err: Exception
+    try:
+        partial, records = write_staged(*args)
+    except OSError as e:
+        err = OSError(e.errno, e.strerror, e.filename)
+    except SaveError as e:
+        err = SaveError(str(e))
+    else:
+        return partial, records, None
+    final = checkpoint_dir(args[0], args[1], args[2])
+    shutil.rmtree(final + ".partial", ignore_errors=True)
+    return None, {}, err
 
 
 def commit(partial: str, manifest: dict[str, Any]) -> str:

@@ -40,7 +40,13 @@ from ..names import check_name
 from ..protocol import MAX_FRAME, FrameReader, encode, field
 from ..storage import Store, is_local, local_path, open_store
 from . import sdnotify
-from .commit import StagedFile, checkpoint_dir, commit, update_latest, write_staged
+from .commit import (
+    StagedFile,
+    checkpoint_dir,
+    commit,
+    update_latest,
+    write_staged_safely,
+)
 from .jobs import FINAL, Job, JobState
 from .upload import (
     clear_record,
@@ -571,24 +577,19 @@ class Daemon:
                         job.bytes_written += n
                         self._bytes_written_total += n
 
-                    try:
-                        partial, records = await asyncio.to_thread(
-                            write_staged,
-                            self.cfg.root,
-                            job.run,
-                            job.tag,
-                            files,
-                            inline,
-                            view,
-                            progress,
-                        )
-                    finally:
-                        view.release()
+                    partial, records, write_error = await asyncio.to_thread(
+                        write_staged_safely,
+                        *(self.cfg.root, job.run, job.tag, files, inline, view, progress),
+                    )
+                    view.release()
                 finally:
                     if mm is not None:
                         mm.close()
                     if slot_fd is not None:
                         os.close(slot_fd)
+                if write_error is not None:
+                    raise write_error
+                assert partial is not None
                 released = True
                 await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
                 manifest = self._manifest(job, manifest_in, records)
@@ -608,6 +609,13 @@ class Daemon:
             if partial:
                 shutil.rmtree(partial, ignore_errors=True)
             log.error(msg)
+            await self._fail(job, msg, released=not released, slot=slot)
+            return
+        except Exception as e:  # a bug in one save must not hang its client
+            log.exception("internal error while committing %s", job.key)
+            if partial:
+                shutil.rmtree(partial, ignore_errors=True)
+            msg = f"internal error while committing {job.key}: {e!r}"
             await self._fail(job, msg, released=not released, slot=slot)
             return
         job.state = JobState.COMMITTED

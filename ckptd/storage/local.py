@@ -126,6 +126,8 @@ class LocalStore(Store):
 def _translate(fn, *args):  # type: ignore[no-untyped-def]
     try:
         return fn(*args)
+    except FileExistsError:
+        raise  # create-only write refused: not worth a retry
     except FileNotFoundError as e:
         raise NotFoundError(str(e)) from e
     except PermissionError as e:
