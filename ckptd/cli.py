@@ -48,6 +48,7 @@ def _human(n: float) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.server import Daemon, DaemonConfig
+    from .retention import Retention
 
     _setup_logging(args.log_level)
     try:
@@ -60,6 +61,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file_concurrency=args.file_concurrency,
             drain_timeout=args.drain_timeout,
             check_store=not args.no_check_store,
+            retention=Retention(
+                keep_last=args.keep_last,
+                keep_every=args.keep_every,
+                keep_optim_last=args.keep_optim_last,
+            ),
+            local_retention=Retention(keep_last=args.local_keep_last),
         )
         if cfg.store:
             from .storage import open_store
@@ -223,6 +230,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------------------
 
 
+def _retention_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the newest N checkpoints per run in the store (default: all)",
+    )
+    sp.add_argument(
+        "--keep-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also keep every checkpoint whose step is a multiple of K",
+    )
+    sp.add_argument(
+        "--keep-optim-last",
+        type=int,
+        default=None,
+        metavar="M",
+        help="keep optimizer state only in the newest M checkpoints",
+    )
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .reader import list_checkpoints, list_runs, run_sync
+    from .retention import Retention, apply
+    from .storage import join_key, open_store
+
+    policy = Retention(keep_last=args.keep_last, keep_every=args.keep_every,
+                       keep_optim_last=args.keep_optim_last)  # fmt: skip
+    if list_checkpoints(args.url):
+        base, _, run = args.url.rstrip("/").rpartition("/")
+        runs = [run]
+    else:
+        base, runs = args.url, list_runs(args.url)
+    verb = ("would delete", "would drop") if args.dry_run else ("deleted", "dropped")
+
+    async def go() -> tuple[int, int, int]:
+        deleted = slimmed = aborted = 0
+        async with open_store(base) as store:
+            for run in runs:
+                if policy.active:
+                    done = await apply(store, run, policy, dry_run=args.dry_run)
+                    for m in done.delete:
+                        print(f"{verb[0]} {run}@{m['tag']}")
+                    for m in done.strip_optim:
+                        print(f"{verb[1]} optimizer state of {run}@{m['tag']}")
+                    deleted += len(done.delete)
+                    slimmed += len(done.strip_optim)
+                if not args.dry_run:
+                    aborted += await store.abort_stale_uploads(
+                        join_key(run, "") + "/", args.stale_hours * 3600
+                    )
+        return deleted, slimmed, aborted
+
+    deleted, slimmed, aborted = run_sync(go())
+    print(f"gc {args.url}: {len(runs)} run(s); {deleted} checkpoint(s) deleted, "
+          f"{slimmed} slimmed, {aborted} stale upload(s) aborted")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -272,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-check-store", action="store_true", help="skip the store access check at start"
     )
+    _retention_args(s)
+    s.add_argument(
+        "--local-keep-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="when uploading elsewhere, keep only the newest N checkpoints in the root "
+        "(only copies whose upload is verified are deleted; default: keep all)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     s = add("status", "show the daemon's queue, bytes and per-checkpoint state", cmd_status)
@@ -307,6 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("restore", "copy a verified checkpoint into a local directory", cmd_restore)
     s.add_argument("url", help="RUN_URL[@TAG] (default tag: latest)")
     s.add_argument("dest", help="local directory to create")
+
+    s = add(
+        "gc", "apply retention to a store (or one run) and abort stale multipart uploads", cmd_gc
+    )
+    s.add_argument("url", help="a store URL or one run's URL")
+    _retention_args(s)
+    s.add_argument(
+        "--stale-hours",
+        type=float,
+        default=24.0,
+        help="abort unfinished uploads older than this (default: 24)",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="say what would be deleted, delete nothing"
+    )
 
     s = add("demo", "train a small model with a daemon on a local store, end to end", cmd_demo)
     s.add_argument("--dir", default=None, help="working directory (default: a new temporary one)")

@@ -10,6 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from ckptd.spawn import DaemonProcess
+from tests.servers import gcs_bucket, gcs_proxy, gcs_server, s3_bucket, s3_proxy, s3_server
+
+__all__ = ["gcs_bucket", "gcs_proxy", "gcs_server", "s3_bucket", "s3_proxy", "s3_server"]
 
 
 class DaemonHandle:

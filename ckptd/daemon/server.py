@@ -22,12 +22,12 @@ import signal
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, retention
 from ..errors import (
     CkptdError,
     ConfigError,
@@ -37,7 +37,9 @@ from ..errors import (
 )
 from ..fmt import FORMAT, decode_header
 from ..names import check_name
-from ..protocol import MAX_FRAME, FrameReader, encode, field
+from ..protocol import MAX_FRAME, FrameReader, encode
+from ..protocol import field as msg_field
+from ..retention import Retention
 from ..storage import Store, is_local, local_path, open_store
 from . import sdnotify
 from .commit import (
@@ -81,6 +83,10 @@ class DaemonConfig:
     """SIGTERM's upper bound for finishing uploads: below systemd's 90 s and AWS spot's 120 s."""
     check_store: bool = True
     """Probe the default store at start and refuse to run if it is unusable."""
+    retention: Retention = field(default_factory=Retention)
+    """What to keep in the store (and in the root, when the root is the store)."""
+    local_retention: Retention = field(default_factory=Retention)
+    """What to keep in the root when uploading elsewhere; only uploaded copies are deleted."""
 
     def __post_init__(self) -> None:
         if self.writers < 1 or self.uploads < 1 or self.file_concurrency < 1:
@@ -127,6 +133,9 @@ class Daemon:
         self._change = asyncio.Condition()
         self._stores: dict[str, Store] = {}
         self._latest_step: dict[str, int] = {}
+        self._latest_lock = asyncio.Lock()
+        self._remote_latest: dict[str, int] = {}  # store+run -> newest step uploaded
+        self._served: dict[str, float] = {}  # run -> when its last upload started (fairness)
         self._closing = False
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
@@ -395,12 +404,12 @@ class Daemon:
             log.debug("cannot tell client %d: %s", conn.id, e)
 
     async def _dispatch(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
-        op = field(msg, "op", str)
+        op = msg_field(msg, "op", str)
         if op == "hello":
-            conn.pid = field(msg, "pid", int, optional=True)
-            run = field(msg, "run", str, optional=True)
+            conn.pid = msg_field(msg, "pid", int, optional=True)
+            run = msg_field(msg, "run", str, optional=True)
             conn.run = check_name(run, "run") if run else None
-            store = field(msg, "store", str, optional=True)
+            store = msg_field(msg, "store", str, optional=True)
             if store:
                 self._store(store)  # validates the URL now, not at the first upload
             conn.store = store
@@ -412,7 +421,7 @@ class Daemon:
         elif op == "status":
             await self._send(conn, {"ev": "status", "rid": msg.get("rid"), **self.status()})
         elif op == "drain":
-            timeout = field(msg, "timeout", (int, float), optional=True)
+            timeout = msg_field(msg, "timeout", (int, float), optional=True)
             self._spawn(self._reply_drain(conn, msg.get("rid"), timeout))
         elif op == "bye":
             raise ConnectionResetError("client said bye")
@@ -435,9 +444,9 @@ class Daemon:
             raise ProtocolError("slot message without a file descriptor")
         fd = reader.fds.popleft()
         try:
-            index = field(msg, "slot", int)
-            size = field(msg, "size", int)
-            gen = field(msg, "generation", int)
+            index = msg_field(msg, "slot", int)
+            size = msg_field(msg, "size", int)
+            gen = msg_field(msg, "generation", int)
             if not 0 <= index < _MAX_SLOTS or not 0 < size <= _MAX_SLOT_SIZE:
                 raise ProtocolError(f"slot {index} of {size} bytes is out of range")
             st = os.fstat(fd)
@@ -452,12 +461,12 @@ class Daemon:
         conn.slots[index] = (fd, size, gen)
 
     def _on_save(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        save_id = field(msg, "id", int)
-        run = check_name(field(msg, "run", str), "run")
-        tag = check_name(field(msg, "tag", str), "tag")
-        step = field(msg, "step", int)
-        store = field(msg, "store", str, optional=True) or conn.store or self.cfg.store
-        manifest_in = field(msg, "manifest", dict, optional=True) or {}
+        save_id = msg_field(msg, "id", int)
+        run = check_name(msg_field(msg, "run", str), "run")
+        tag = check_name(msg_field(msg, "tag", str), "tag")
+        step = msg_field(msg, "step", int)
+        store = msg_field(msg, "store", str, optional=True) or conn.store or self.cfg.store
+        manifest_in = msg_field(msg, "manifest", dict, optional=True) or {}
         files, inline, slot_fd, slot_size, total = self._validate_files(conn, msg)
         job = Job(run=run, tag=tag, step=step, store=store, client=conn.id, save_id=save_id)
         job.bytes_total = total
@@ -490,18 +499,18 @@ class Daemon:
     def _validate_files(
         self, conn: _Conn, msg: dict[str, Any]
     ) -> tuple[list[StagedFile], dict[str, bytes], int | None, int, int]:
-        raw_files = field(msg, "files", list)
-        raw_inline = field(msg, "inline", dict, optional=True) or {}
+        raw_files = msg_field(msg, "files", list)
+        raw_inline = msg_field(msg, "inline", dict, optional=True) or {}
         names: set[str] = set()
         files: list[StagedFile] = []
         slot_fd: int | None = None
         slot_size = 0
         if raw_files:
-            index = field(msg, "slot", int)
+            index = msg_field(msg, "slot", int)
             if index not in conn.slots:
                 raise ProtocolError(f"save names slot {index}, which this client never sent")
             fd, slot_size, gen = conn.slots[index]
-            if field(msg, "generation", int) != gen:
+            if msg_field(msg, "generation", int) != gen:
                 raise ProtocolError(
                     f"save names generation {msg['generation']} of slot {index}, not {gen}"
                 )
@@ -511,10 +520,10 @@ class Daemon:
             for raw in raw_files:
                 if not isinstance(raw, dict):
                     raise ProtocolError("files entries must be maps")
-                name = field(raw, "name", str)
-                header = field(raw, "header", bytes)
-                offset = field(raw, "offset", int)
-                size = field(raw, "size", int)
+                name = msg_field(raw, "name", str)
+                header = msg_field(raw, "header", bytes)
+                offset = msg_field(raw, "offset", int)
+                size = msg_field(raw, "size", int)
                 if not _FILE_NAME.match(name) or name in names:
                     raise ProtocolError(f"bad or repeated file name {name!r}")
                 if offset < 0 or size < 0 or offset + size > slot_size:
@@ -628,6 +637,7 @@ class Daemon:
             self._enqueue_upload(job)
         else:
             await self._finish(job)
+            self._spawn(self._retain(job))
 
     def _manifest(self, job: Job, given: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
         allowed = (
@@ -655,14 +665,15 @@ class Daemon:
         return manifest
 
     async def _maybe_update_latest(self, job: Job) -> None:
-        newest = self._latest_step.get(job.run)
-        if newest is None:
-            newest = await asyncio.to_thread(self._read_latest_step, job.run)
-        if job.step >= newest:
-            await asyncio.to_thread(update_latest, self.cfg.root, job.run, job.tag)
-            self._latest_step[job.run] = job.step
-        else:
-            self._latest_step[job.run] = newest
+        async with self._latest_lock:  # concurrent writers must not race on one pointer
+            newest = self._latest_step.get(job.run)
+            if newest is None:
+                newest = await asyncio.to_thread(self._read_latest_step, job.run)
+            if job.step >= newest:
+                await asyncio.to_thread(update_latest, self.cfg.root, job.run, job.tag)
+                self._latest_step[job.run] = job.step
+            else:
+                self._latest_step[job.run] = newest
 
     def _read_latest_step(self, run: str) -> int:
         try:
@@ -689,11 +700,16 @@ class Daemon:
         self._upload_wake.set()
 
     def _next_upload(self) -> Job | None:
+        """Newest first under preemption; otherwise the run served least recently (fair share)."""
         if not self._upload_queue:
             return None
-        if self.preempted:  # newest first when the machine is going away
-            self._upload_queue.sort(key=lambda j: -j.step)
-        return self._upload_queue.pop(0)
+        if self.preempted:
+            job = max(self._upload_queue, key=lambda j: j.step)
+        else:
+            job = min(self._upload_queue, key=lambda j: self._served.get(j.run, 0.0))
+        self._upload_queue.remove(job)
+        self._served[job.run] = time.monotonic()
+        return job
 
     async def _upload_worker(self) -> None:
         from ..storage.retry import with_retries
@@ -717,7 +733,8 @@ class Daemon:
                 job.error = str(exc)
 
             def retrying(fn: Any, *, what: str) -> Any:
-                return with_retries(fn, what=what, on_retry=on_retry)
+                # The stores retry each part themselves; this outer layer only resumes a file.
+                return with_retries(fn, what=what, on_retry=on_retry, attempts=2)
 
             try:
                 store = self._store(job.store)
@@ -731,7 +748,10 @@ class Daemon:
                     progress=progress,
                     with_retries=retrying,
                 )
-                await update_remote_latest(store, job.run, job.tag, retrying)
+                key = f"{job.store}\0{job.run}"
+                if job.step >= self._remote_latest.get(key, -1):
+                    await update_remote_latest(store, job.run, job.tag, retrying)
+                    self._remote_latest[key] = job.step
                 await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
             except PermanentStorageError as e:
                 job.error = f"upload of {job.key} to {job.store} failed: {e}"
@@ -749,11 +769,55 @@ class Daemon:
             job.error = None
             log.info("uploaded %s to %s", job.key, job.store)
             await self._finish(job)
+            self._spawn(self._retain(job))
 
     async def _requeue_later(self, job: Job, delay: float) -> None:
-        await asyncio.sleep(delay)
-        if job.pending:
+        deadline = time.monotonic() + delay
+        # A drain that starts meanwhile shortens the wait: the network may be back already.
+        while time.monotonic() < deadline and not (self._closing and delay > 2):
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+        if job.pending and job not in self._upload_queue:
             self._enqueue_upload(job)
+
+    async def _retain(self, job: Job) -> None:
+        """Apply retention to the run after one of its checkpoints reached its store."""
+        pending = {j.tag for j in self.jobs.values() if j.run == job.run and j.pending}
+        try:
+            if job.store is None or self._store_is_root(job.store):
+                if self.cfg.retention.active:
+                    await retention.apply(self._store(self.cfg.root), job.run, self.cfg.retention,
+                                          protect=pending)  # fmt: skip
+                return
+            if self.cfg.retention.active:
+                await retention.apply(self._store(job.store), job.run, self.cfg.retention)
+            if self.cfg.local_retention.active:
+                owed = {tag for run, tag, _ in pending_records(self.cfg.root) if run == job.run}
+                await retention.apply(self._store(self.cfg.root), job.run, self.cfg.local_retention,
+                                      protect=pending | owed)  # fmt: skip
+        except (CkptdError, OSError) as e:
+            log.warning("retention for %s failed (nothing lost): %s", job.run, e)
+
+    async def on_preemption_notice(self, source: str, detail: str) -> None:
+        """The machine is going away: tell clients, upload newest first, drop superseded uploads."""
+        if self.preempted:
+            return
+        self.preempted = True
+        log.warning("preemption notice from %s: %s; newest checkpoints first", source, detail)
+        sdnotify.notify(f"STATUS=preempted ({source}); draining newest first")
+        newest: dict[str, int] = {}
+        for j in self.jobs.values():
+            if j.committed_at is not None and j.state != JobState.FAILED:
+                newest[j.run] = max(newest.get(j.run, -1), j.step)
+        for j in list(self._upload_queue):
+            if j.step < newest.get(j.run, -1):
+                self._upload_queue.remove(j)
+                j.state = JobState.DROPPED
+                j.error = "superseded by a newer checkpoint during preemption (local copy kept)"
+                await asyncio.to_thread(clear_record, self.cfg.root, j.run, j.tag)
+                log.warning("dropped upload of %s: a newer checkpoint supersedes it", j.key)
+        for conn in list(self._conns.values()):
+            await self._send(conn, {"ev": "preempted", "source": source, "detail": detail})
+        await self._changed()
 
     async def _finish(self, job: Job) -> None:
         job.state = JobState.UPLOADED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 
 import crc32c as _crc32c
 
@@ -146,7 +147,7 @@ def fsync_dir(path: str) -> None:
 
 def _atomic_write(dst: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
+    tmp = f"{dst}.tmp-{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -158,7 +159,7 @@ def _atomic_write(dst: str, data: bytes) -> None:
 def _copy_verified(src: str, dst: str, size: int, crc: int, progress: ProgressFn | None) -> None:
     try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp-{os.getpid()}"
+        tmp = f"{dst}.tmp-{os.getpid()}-{threading.get_ident()}"
         value = 0
         n = 0
         with open(src, "rb") as fi, open(tmp, "wb") as fo:
