@@ -2,13 +2,15 @@
 
 The training process stages tensors into shared memory and goes on; the daemon (``ckptd serve``)
 commits them atomically on local disk and uploads them to S3 or GCS.
+
+Names that need torch load on first use, so that ``ckptd`` the command and the daemon start
+fast and stay small (the daemon never imports torch).
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from .client import Backpressure, Checkpointer, SaveHandle, attach
 from .errors import (
     CkptdError,
     ConfigError,
@@ -22,7 +24,39 @@ from .errors import (
     StorageError,
     TransientStorageError,
 )
-from .reader import list_checkpoints, load, verify
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Backpressure": "client",
+    "Checkpointer": "client",
+    "SaveHandle": "client",
+    "attach": "client",
+    "load": "reader",
+    "list_checkpoints": "catalog",
+    "verify": "catalog",
+}
+
+if TYPE_CHECKING:
+    from .catalog import list_checkpoints, verify
+    from .client import Backpressure, Checkpointer, SaveHandle, attach
+    from .reader import load
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Backpressure",

@@ -90,9 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _request(socket_path: str, msg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    from .client import _Connection
+    from .connection import Connection
 
-    conn = _Connection(socket_path, 10.0, lambda _msg: None)
+    conn = Connection(socket_path, 10.0, lambda _msg: None)
     try:
         return conn.request(msg, timeout=timeout)
     finally:
@@ -173,7 +173,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .reader import list_checkpoints, list_runs
+    from .catalog import list_checkpoints, list_runs
 
     manifests = list_checkpoints(args.url)
     if manifests:
@@ -200,7 +200,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .reader import split_tag, verify
+    from .catalog import split_tag, verify
 
     url, tag = split_tag(args.url)
     loc = verify(url, tag)
@@ -212,7 +212,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .reader import copy_checkpoint, split_tag
+    from .catalog import copy_checkpoint, split_tag
 
     url, tag = split_tag(args.url)
     loc = copy_checkpoint(url, tag, args.dest)
@@ -255,7 +255,7 @@ def _retention_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .reader import list_checkpoints, list_runs, run_sync
+    from .catalog import list_checkpoints, list_runs, run_sync
     from .retention import Retention, apply
     from .storage import join_key, open_store
 

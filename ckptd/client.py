@@ -8,7 +8,6 @@ stream and the next ``optimizer.step`` waits for it on the GPU (see ``stager``).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import itertools
 import logging
@@ -23,11 +22,12 @@ from typing import Any
 import torch
 
 from .arena import Arena, Slot
+from .connection import Connection as _Connection
 from .defaults import default_socket
-from .errors import ConfigError, DaemonUnavailableError, ProtocolError, SaveError
+from .errors import ConfigError, DaemonUnavailableError, SaveError
 from .fmt import SavePlan, plan_save
 from .names import check_name, make_tag
-from .protocol import VERSION, FrameReader, encode
+from .protocol import VERSION
 from .stager import Fence, Stager
 
 log = logging.getLogger("ckptd.client")
@@ -95,92 +95,6 @@ class SaveHandle:
 
     def __repr__(self) -> str:
         return f"SaveHandle(tag={self.tag!r}, state={self.state!r})"
-
-
-class _Connection:
-    """The socket to the daemon, with a reader thread that routes events to handlers."""
-
-    def __init__(
-        self, path: str, timeout: float, on_event: Callable[[dict[str, Any]], None]
-    ) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            self.sock.close()
-            raise DaemonUnavailableError(
-                f"no ckptd daemon at {path} ({e.strerror or e}). Start one with "
-                f"`ckptd serve --socket {path}` (or under systemd), or point CKPTD_SOCKET at it"
-            ) from None
-        self.sock.settimeout(None)
-        self._send_lock = threading.Lock()
-        self._on_event = on_event
-        self.alive = True
-        self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
-        self._rids = itertools.count(1)
-        self._thread = threading.Thread(target=self._read_loop, name="ckptd-events", daemon=True)
-        self._thread.start()
-
-    def send(self, msg: dict[str, Any], fd: int | None = None) -> None:
-        frame = encode(msg)
-        try:
-            with self._send_lock:
-                if fd is None:
-                    self.sock.sendall(frame)
-                else:
-                    sent = socket.send_fds(self.sock, [frame], [fd])
-                    if sent < len(frame):
-                        self.sock.sendall(frame[sent:])
-        except OSError as e:
-            self.alive = False
-            raise DaemonUnavailableError(
-                f"lost the connection to the ckptd daemon at {self.path}: {e}"
-            ) from e
-
-    def request(self, msg: dict[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
-        rid = next(self._rids)
-        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
-        self._replies[rid] = q
-        try:
-            self.send({**msg, "rid": rid})
-            try:
-                return q.get(timeout=timeout)
-            except queue.Empty:
-                raise DaemonUnavailableError(
-                    f"the daemon at {self.path} did not answer {msg['op']!r}"
-                ) from None
-        finally:
-            self._replies.pop(rid, None)
-
-    def _read_loop(self) -> None:
-        reader = FrameReader()
-        try:
-            while True:
-                data = self.sock.recv(1 << 20)
-                if not data:
-                    break
-                reader.feed(data)
-                for msg in reader.messages():
-                    rid = msg.get("rid")
-                    if isinstance(rid, int) and rid in self._replies:
-                        self._replies[rid].put(msg)
-                    else:
-                        self._on_event(msg)
-        except (OSError, ProtocolError) as e:
-            log.debug("event reader stopped: %s", e)
-        finally:
-            self.alive = False
-            self._on_event({"ev": "disconnected"})
-
-    def close(self) -> None:
-        self.alive = False
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
 
 
 class Checkpointer:

@@ -17,20 +17,19 @@ Files of one checkpoint (``<model>`` is ``model`` by default):
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import torch
 
-from .errors import IntegrityError, SerializationError
+from .errors import SerializationError
+from .header import FORMAT, decode_header, encode_header
 from .tree import flatten
 
-FORMAT = "ckptd/1"
 ALIGN = 4096  # arena offset alignment of each file's data section (page aligned)
-MAX_HEADER = 100 << 20
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -51,6 +50,7 @@ DTYPES: dict[torch.dtype, str] = {
     torch.uint64: "U64",
 }
 TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPES.items()}
+__all__ = ["ALIGN", "DTYPES", "FORMAT", "TORCH_DTYPES", "SavePlan", "decode_header", "plan_save"]
 
 
 @dataclass(slots=True)
@@ -143,44 +143,6 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def encode_header(header: dict[str, Any]) -> bytes:
-    """The safetensors preamble: u64 little-endian length, JSON padded with spaces to 8 bytes."""
-    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def decode_header(prefix: bytes, file_size: int | None = None) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header, data_start). Checks that it is well formed."""
-    if len(prefix) < 8:
-        raise IntegrityError("file too short for a safetensors header")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER or len(prefix) < 8 + n:
-        raise IntegrityError(f"safetensors header of {n} bytes is truncated or too large")
-    try:
-        header = json.loads(prefix[8 : 8 + n])
-    except ValueError as e:
-        raise IntegrityError(f"safetensors header is not JSON: {e}") from e
-    if not isinstance(header, dict):
-        raise IntegrityError("safetensors header is not a JSON object")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            b, e = info["data_offsets"]
-            if info["dtype"] not in TORCH_DTYPES or not 0 <= b <= e:
-                raise ValueError
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"bad entry {name!r} in safetensors header") from exc
-        end = max(end, e)
-    if file_size is not None and 8 + n + end != file_size:
-        raise IntegrityError(
-            f"safetensors data section ends at {8 + n + end}, file has {file_size}"
-        )
-    return header, 8 + n
-
-
 def _module_state(obj: Any, what: str) -> tuple[dict[str, Any], set[str], dict[str, Any]]:
     """state_dict of a module (or a given dict), its buffer names, and a small config record."""
     if isinstance(obj, torch.nn.Module):
@@ -196,11 +158,10 @@ def _module_state(obj: Any, what: str) -> tuple[dict[str, Any], set[str], dict[s
         if callable(to_dict):
             cfg = to_dict()
         if isinstance(cfg, dict):
-            try:
-                json.dumps(cfg)
-                config["config"] = cfg
-            except (TypeError, ValueError):
-                pass
+            # The JSON round trip turns int keys (HF's id2label) into strings: the socket's
+            # msgpack decoder refuses non-string map keys.
+            with contextlib.suppress(TypeError, ValueError):
+                config["config"] = json.loads(json.dumps(cfg))
         return sd, buffers, config
     if isinstance(obj, dict):
         return obj, set(), {"class": "dict"}

@@ -77,7 +77,7 @@ def plan(
 async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] | None = None,
                 dry_run: bool = False) -> Plan:  # fmt: skip
     """Apply ``policy`` to the run ``run`` of ``store``; returns what it did (or would do)."""
-    from .reader import _list_manifests  # the one place that knows how to list a run
+    from .catalog import _list_manifests  # the one place that knows how to list a run
 
     manifests = await _list_manifests(_Scoped(store, run))
     decided = plan(manifests, policy, protect or set())

@@ -226,7 +226,7 @@ class FaultProxy:
             swriter.write(data[:budget])
             with contextlib.suppress(ConnectionError):
                 await swriter.drain()
-            self.injected["reset"] += 1
+            self.injected["reset"] += 1  # counted before the client sees the reset
             _reset(cwriter)
             _reset(swriter)
             return False
@@ -308,6 +308,7 @@ class FaultProxy:
             f"<Message>injected by faultproxy</Message></Error>"
         ).encode()
         reason = _REASONS.get(status, "Error")
+        self.injected[f"http_{status}"] += 1  # counted before the client can see the answer
         cwriter.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -315,7 +316,6 @@ class FaultProxy:
         )
         with contextlib.suppress(ConnectionError):
             await cwriter.drain()
-        self.injected[f"http_{status}"] += 1
         cwriter.close()
 
     async def _downstream(

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .. import __version__, retention
 from ..errors import (
     CkptdError,
@@ -35,7 +33,7 @@ from ..errors import (
     ProtocolError,
     StorageError,
 )
-from ..fmt import FORMAT, decode_header
+from ..header import FORMAT, decode_header
 from ..names import check_name
 from ..protocol import MAX_FRAME, FrameReader, encode
 from ..protocol import field as msg_field
@@ -629,7 +627,11 @@ class Daemon:
             return
         job.state = JobState.COMMITTED
         job.committed_at = time.time()
-        log.info("committed %s (%d bytes) in %s", job.key, job.bytes_total, final)
+        took = job.committed_at - job.created
+        log.info(
+            "committed %s: %.1f MiB in %.2f s (%.0f MiB/s) -> %s",
+            job.key, job.bytes_total / 2**20, took, job.bytes_total / 2**20 / max(took, 1e-6), final,
+        )  # fmt: skip
         await self._send(
             conn, {"ev": "committed", "id": job.save_id, "tag": job.tag, "path": final}
         )
@@ -661,7 +663,6 @@ class Daemon:
             ckptd_version=__version__,
             files=files,
         )
-        manifest.setdefault("torch_version", torch.__version__)
         return manifest
 
     async def _maybe_update_latest(self, job: Job) -> None:
@@ -767,7 +768,13 @@ class Daemon:
                 self._spawn(self._requeue_later(job, min(60.0, 2.0 ** min(job.retries, 6))))
                 continue
             job.error = None
-            log.info("uploaded %s to %s", job.key, job.store)
+            job.uploaded_at = time.time()
+            took = job.uploaded_at - (job.upload_started or job.uploaded_at)
+            log.info(
+                "uploaded %s to %s: %.1f MiB in %.1f s (%.1f MiB/s), %d retries",
+                job.key, job.store, job.bytes_total / 2**20, took,
+                job.bytes_total / 2**20 / max(took, 1e-6), job.retries,
+            )  # fmt: skip
             await self._finish(job)
             self._spawn(self._retain(job))
 
