@@ -47,6 +47,7 @@ def _human(n: float) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon.preempt import PreemptionConfig
     from .daemon.server import Daemon, DaemonConfig
     from .retention import Retention
 
@@ -67,6 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 keep_optim_last=args.keep_optim_last,
             ),
             local_retention=Retention(keep_last=args.local_keep_last),
+            preemption=PreemptionConfig(
+                mode=args.preemption,
+                aws_endpoint=args.aws_metadata_url,
+                gce_endpoint=args.gce_metadata_url,
+                poll_interval=args.preemption_poll,
+            ),
         )
         if cfg.store:
             from .storage import open_store
@@ -341,6 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--no-check-store", action="store_true", help="skip the store access check at start"
     )
+    s.add_argument(
+        "--preemption",
+        default=os.environ.get("CKPTD_PREEMPTION") or "auto",
+        help="watch spot/preemption notices: auto (detect AWS/GCE from DMI, then confirm), aws, "
+        "gce or off (default: $CKPTD_PREEMPTION, else auto)",
+    )
+    s.add_argument(
+        "--aws-metadata-url",
+        default="http://169.254.169.254",
+        help="IMDSv2 base URL (default: %(default)s)",
+    )
+    s.add_argument(
+        "--gce-metadata-url",
+        default="http://metadata.google.internal",
+        help="GCE metadata base URL (default: %(default)s)",
+    )
+    s.add_argument(
+        "--preemption-poll",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between AWS spot notice polls (default: 5)",
+    )
     _retention_args(s)
     s.add_argument(
         "--local-keep-last",
@@ -368,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="give up after S seconds: exit 1 and list what is pending",
     )
+
+    from .execcmd import add_exec_arguments, cmd_exec
+
+    s = add(
+        "exec", "run a command next to the daemon, drain, and with --shutdown power off", cmd_exec
+    )
+    add_exec_arguments(s)
 
     s = add("ls", "list the runs of a store, or the checkpoints of a run", cmd_ls)
     s.add_argument(

@@ -119,7 +119,9 @@ def run_demo(args: argparse.Namespace) -> int:
     root = os.path.join(work, "store")
     sock = os.path.join(work, "ckptd.sock")
     print(f"ckptd demo: working in {work}")
-    daemon = DaemonProcess(root, sock, log_path=os.path.join(work, "daemon.log"))
+    daemon = DaemonProcess(
+        root, sock, args=["--preemption", "off"], log_path=os.path.join(work, "daemon.log")
+    )
     ok = False
     try:
         model, opt, sched = _make(args.width)

@@ -12,6 +12,9 @@ import pytest
 from ckptd.spawn import DaemonProcess
 from tests.servers import gcs_bucket, gcs_proxy, gcs_server, s3_bucket, s3_proxy, s3_server
 
+# Test daemons never probe cloud metadata addresses (only 127.0.0.1 is reachable from tests).
+os.environ.setdefault("CKPTD_PREEMPTION", "off")
+
 __all__ = ["gcs_bucket", "gcs_proxy", "gcs_server", "s3_bucket", "s3_proxy", "s3_server"]
 
 

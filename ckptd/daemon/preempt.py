@@ -34,6 +34,8 @@ _AWS_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 _GCE_PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
 _GCE_HEADERS = {"Metadata-Flavor": "Google"}
 _AWS_MAX_TTL = 21600  # IMDSv2 refuses longer token lifetimes
+_DEFAULT_AWS = "http://169.254.169.254"
+_DEFAULT_GCE = "http://metadata.google.internal"
 
 
 class PreemptionMode(enum.StrEnum):
@@ -46,11 +48,11 @@ class PreemptionMode(enum.StrEnum):
 @dataclass(kw_only=True, slots=True)
 class PreemptionConfig:
     mode: PreemptionMode | str = PreemptionMode.AUTO
-    """off, auto, aws or gce. "auto" costs one bounded probe per service at start and watches
-    nothing when neither answers (a laptop, an on-prem node)."""
-    aws_endpoint: str = "http://169.254.169.254"
+    """off, auto, aws or gce. "auto" reads DMI to tell the cloud, confirms with one bounded probe
+    of that cloud's metadata service, and watches nothing elsewhere (a laptop, an on-prem node)."""
+    aws_endpoint: str = _DEFAULT_AWS
     """IMDS base URL; tests point it at a local server."""
-    gce_endpoint: str = "http://metadata.google.internal"
+    gce_endpoint: str = _DEFAULT_GCE
     """GCE metadata server base URL."""
     poll_interval: float = 5.0
     """Seconds between IMDS polls: AWS gives 2 minutes' notice, so a few seconds is plenty."""
@@ -125,9 +127,41 @@ async def watch_preemption(cfg: PreemptionConfig, on_notice: OnNotice) -> None:
         log.exception("preemption callback failed")
 
 
+def platform_hint(dmi_dir: str = "/sys/class/dmi/id") -> PreemptionMode | None:
+    """Which cloud the machine says it is (DMI, as cloud-init reads it), without any network."""
+    text = []
+    for name in ("sys_vendor", "product_name", "bios_vendor", "product_version"):
+        try:
+            with open(f"{dmi_dir}/{name}") as f:
+                text.append(f.read().strip().lower())
+        except OSError:
+            continue
+    joined = " ".join(text)
+    if "amazon" in joined:
+        return PreemptionMode.AWS
+    if "google" in joined:
+        return PreemptionMode.GCE
+    return None
+
+
 async def detect(cfg: PreemptionConfig, session: aiohttp.ClientSession) -> PreemptionMode:
-    """Probe both services at once (each bounded by ``probe_timeout``); OFF when neither answers."""
-    aws, gce = await asyncio.gather(_probe_aws(cfg, session), _probe_gce(cfg, session))
+    """Probe the metadata service(s) this machine may have; OFF when none answers.
+
+    A default (link-local) endpoint is only probed when DMI says the machine is on that cloud,
+    so a laptop or an on-prem node sends nothing to metadata addresses. A configured endpoint is
+    always probed.
+    """
+    hint = platform_hint()
+    want_aws = hint == PreemptionMode.AWS or cfg.aws_endpoint != _DEFAULT_AWS
+    want_gce = hint == PreemptionMode.GCE or cfg.gce_endpoint != _DEFAULT_GCE
+
+    async def no() -> bool:
+        return False
+
+    aws, gce = await asyncio.gather(
+        _probe_aws(cfg, session) if want_aws else no(),
+        _probe_gce(cfg, session) if want_gce else no(),
+    )
     if aws:
         return PreemptionMode.AWS
     if gce:

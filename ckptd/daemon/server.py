@@ -48,6 +48,7 @@ from .commit import (
     write_staged_safely,
 )
 from .jobs import FINAL, Job, JobState
+from .preempt import PreemptionConfig, watch_preemption
 from .upload import (
     clear_record,
     pending_records,
@@ -85,6 +86,8 @@ class DaemonConfig:
     """What to keep in the store (and in the root, when the root is the store)."""
     local_retention: Retention = field(default_factory=Retention)
     """What to keep in the root when uploading elsewhere; only uploaded copies are deleted."""
+    preemption: PreemptionConfig | None = None
+    """Spot/preemption notices to watch; None watches nothing."""
 
     def __post_init__(self) -> None:
         if self.writers < 1 or self.uploads < 1 or self.file_concurrency < 1:
@@ -159,6 +162,8 @@ class Daemon:
         self._spawn(self._accept_loop())
         for _ in range(self.cfg.uploads):
             self._spawn(self._upload_worker())
+        if self.cfg.preemption is not None:
+            self._spawn(watch_preemption(self.cfg.preemption, self.on_preemption_notice))
         if (interval := sdnotify.watchdog_interval()) is not None:
             self._spawn(self._watchdog(interval))
         sdnotify.notify("READY=1", f"STATUS=serving {self.cfg.socket}")
@@ -179,7 +184,11 @@ class Daemon:
 
     async def _shutdown(self) -> int:
         self._closing = True
-        sdnotify.notify("STOPPING=1", "STATUS=draining")
+        sdnotify.notify(
+            "STOPPING=1",
+            "STATUS=draining",
+            f"EXTEND_TIMEOUT_USEC={int((self.cfg.drain_timeout + 10) * 1e6)}",
+        )
         if self._server_sock is not None:
             asyncio.get_running_loop().remove_reader(self._server_sock.fileno())
             self._server_sock.close()
@@ -702,6 +711,8 @@ class Daemon:
 
     def _next_upload(self) -> Job | None:
         """Newest first under preemption; otherwise the run served least recently (fair share)."""
+        if self.preempted:
+            self._drop_superseded()
         if not self._upload_queue:
             return None
         if self.preempted:
@@ -804,6 +815,24 @@ class Daemon:
         except (CkptdError, OSError) as e:
             log.warning("retention for %s failed (nothing lost): %s", job.run, e)
 
+    def _drop_superseded(self) -> None:
+        """Under preemption, skip uploads that a newer committed checkpoint of the run supersedes.
+
+        Only waiting uploads are dropped (an upload in flight finishes); the local copy stays.
+        """
+        newest: dict[str, int] = {}
+        for j in self.jobs.values():
+            if j.committed_at is not None and j.state != JobState.FAILED:
+                newest[j.run] = max(newest.get(j.run, -1), j.step)
+        for j in list(self.jobs.values()):
+            if j.state == JobState.COMMITTED and j.store and j.step < newest.get(j.run, -1):
+                if j in self._upload_queue:
+                    self._upload_queue.remove(j)
+                j.state = JobState.DROPPED
+                j.error = "superseded by a newer checkpoint during preemption (local copy kept)"
+                clear_record(self.cfg.root, j.run, j.tag)
+                log.warning("dropped upload of %s: a newer checkpoint supersedes it", j.key)
+
     async def on_preemption_notice(self, source: str, detail: str) -> None:
         """The machine is going away: tell clients, upload newest first, drop superseded uploads."""
         if self.preempted:
@@ -811,17 +840,7 @@ class Daemon:
         self.preempted = True
         log.warning("preemption notice from %s: %s; newest checkpoints first", source, detail)
         sdnotify.notify(f"STATUS=preempted ({source}); draining newest first")
-        newest: dict[str, int] = {}
-        for j in self.jobs.values():
-            if j.committed_at is not None and j.state != JobState.FAILED:
-                newest[j.run] = max(newest.get(j.run, -1), j.step)
-        for j in list(self._upload_queue):
-            if j.step < newest.get(j.run, -1):
-                self._upload_queue.remove(j)
-                j.state = JobState.DROPPED
-                j.error = "superseded by a newer checkpoint during preemption (local copy kept)"
-                await asyncio.to_thread(clear_record, self.cfg.root, j.run, j.tag)
-                log.warning("dropped upload of %s: a newer checkpoint supersedes it", j.key)
+        self._drop_superseded()
         for conn in list(self._conns.values()):
             await self._send(conn, {"ev": "preempted", "source": source, "detail": detail})
         await self._changed()
