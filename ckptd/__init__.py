@@ -32,6 +32,8 @@ _LAZY = {
     "Checkpointer": "client",
     "SaveHandle": "client",
     "attach": "client",
+    "Experiment": "experiment",
+    "load_config": "experiment",
     "load": "reader",
     "list_checkpoints": "catalog",
     "verify": "catalog",
@@ -40,6 +42,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .catalog import list_checkpoints, verify
     from .client import Backpressure, Checkpointer, SaveHandle, attach
+    from .experiment import Experiment, load_config
     from .reader import load
 
 
@@ -64,6 +67,7 @@ __all__ = [
     "CkptdError",
     "ConfigError",
     "DaemonUnavailableError",
+    "Experiment",
     "IntegrityError",
     "NotFoundError",
     "PermanentStorageError",
@@ -77,5 +81,6 @@ __all__ = [
     "attach",
     "list_checkpoints",
     "load",
+    "load_config",
     "verify",
 ]

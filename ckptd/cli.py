@@ -181,18 +181,25 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from .catalog import list_checkpoints, list_runs
+    from .experiment import list_records
 
     manifests = list_checkpoints(args.url)
-    if manifests:
+    records = list_records(args.url)
+    if manifests or records:
         if args.json:
-            print(json.dumps(manifests, indent=1))
+            print(json.dumps({"checkpoints": manifests, "records": records}, indent=1))
             return 0
-        print(f"{'TAG':<30} {'STEP':>10} {'SIZE':>12}  CREATED")
+        if manifests:
+            print(f"{'TAG':<30} {'STEP':>10} {'SIZE':>12}  CREATED")
         for m in manifests:
             size = sum(int(f["size"]) for f in m["files"].values())
             print(
                 f"{m['tag']:<30} {m.get('step', '?'):>10} {_human(size):>12}  {m.get('created', '?')}"
             )
+        if records:
+            print(f"\n{'RECORD (experiment/)':<42} {'SIZE':>12}")
+            for key, size in records:
+                print(f"{key:<42} {_human(size):>12}")
         return 0
     runs = list_runs(args.url)
     if args.json:

@@ -146,6 +146,8 @@ class Checkpointer:
         self._sender: queue.Queue[tuple[Fence, dict[str, Any], SaveHandle] | None] = queue.Queue()
         self._sender_thread: threading.Thread | None = None
         self._closed = False
+        self._closing = False
+        self.git_commit: str | None = None  # set by Experiment from git.json
         self._conn: _Connection | None = None
         self.daemon_info: dict[str, Any] = {}
         self._connect()
@@ -186,6 +188,8 @@ class Checkpointer:
             with self._lock:
                 pending = list(self._handles.items())
                 self._handles.clear()
+            if self._closing:  # close() waited for every save to be committed: the daemon owns them
+                return
             for _, (handle, index) in pending:
                 if handle._state == "staged":
                     handle._fail(
@@ -379,6 +383,7 @@ class Checkpointer:
                 "torch_version": torch.__version__,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                **({"git_commit": self.git_commit} if self.git_commit else {}),
             },
         }
 
@@ -492,6 +497,7 @@ class Checkpointer:
             self.flush("committed")
         finally:
             self._closed = True
+            self._closing = True
             if self._sender_thread is not None:
                 self._sender.put(None)
                 self._sender_thread.join(timeout=5)

@@ -84,3 +84,38 @@ def make_daemon(short_dir: str, tmp_path) -> Iterator:  # type: ignore[no-untype
 @pytest.fixture
 def daemon(make_daemon) -> DaemonHandle:  # type: ignore[no-untyped-def]
     return make_daemon()
+
+
+# ---- the fault report: every fault test records what it injected and what was lost -------------
+
+_FAULTS: list[tuple[str, str, int, int, int]] = []
+
+
+@pytest.fixture
+def fault_log(request):  # type: ignore[no-untyped-def]
+    """``fault_log(fault, injected, saved, lost)``; the session prints them as a markdown table."""
+
+    def record(fault: str, injected: int, saved: int, lost: int) -> None:
+        _FAULTS.append((request.node.nodeid.split("::")[0], fault, injected, saved, lost))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if not _FAULTS:
+        return
+    lines = [
+        "| test file | fault injected | times | checkpoints committed | checkpoints lost |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {f} | {fault} | {n} | {saved} | {lost} |" for f, fault, n, saved, lost in _FAULTS]
+    total = sum(x[4] for x in _FAULTS)
+    lines.append(
+        f"| **total** | {len(_FAULTS)} scenarios | | {sum(x[3] for x in _FAULTS)} | {total} |"
+    )
+    terminalreporter.write_sep("=", "faults injected and checkpoints lost")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if out := os.environ.get("CKPTD_FAULT_REPORT"):
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")

@@ -59,7 +59,8 @@ def test_store_verbs(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
     ls = ckptd("ls", daemon.root)
     assert ls.returncode == 0 and ls.stdout.split() == ["clirun"]
     ls = ckptd("ls", run, "--json")
-    assert [m["tag"] for m in json.loads(ls.stdout)] == ["step-00000001", "step-00000002"]
+    listing = json.loads(ls.stdout)
+    assert [m["tag"] for m in listing["checkpoints"]] == ["step-00000001", "step-00000002"]
     (tmp_path / "empty").mkdir()
     assert ckptd("ls", str(tmp_path / "empty")).returncode == 1
     ok = ckptd("verify", f"{run}@step-00000001")

@@ -25,9 +25,9 @@ def test_public_names_are_pinned() -> None:
     assert sorted(ckptd.__all__) == sorted(
         [
             "Backpressure", "Checkpointer", "CkptdError", "ConfigError", "DaemonUnavailableError",
-            "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "SaveError",
+            "Experiment", "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "SaveError",
             "SaveHandle", "SerializationError", "StorageError", "TransientStorageError",
-            "__version__", "attach", "list_checkpoints", "load", "verify",
+            "__version__", "attach", "list_checkpoints", "load", "load_config", "verify",
         ]
     )  # fmt: skip
     for name in ckptd.__all__:

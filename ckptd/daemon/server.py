@@ -48,6 +48,7 @@ from .commit import (
     write_staged_safely,
 )
 from .jobs import FINAL, Job, JobState
+from .mirror import Mirrors
 from .preempt import PreemptionConfig, watch_preemption
 from .upload import (
     clear_record,
@@ -139,6 +140,7 @@ class Daemon:
         self._served: dict[str, float] = {}  # run -> when its last upload started (fairness)
         self._closing = False
         self._stop = asyncio.Event()
+        self.mirrors = Mirrors(self._store, config.store or config.root)
         self._lock_fd: int | None = None
         self._server_sock: socket.socket | None = None
         self._started = time.time()
@@ -197,6 +199,9 @@ class Daemon:
         deadline = time.monotonic() + self.cfg.drain_timeout
         extender = self._spawn(self._extend_stop_timeout(deadline))
         ok, left = await self.drain(deadline - time.monotonic())
+        if not await self.mirrors.stop_all(0):
+            ok = False
+            log.error("experiment records not uploaded: %s", self.mirrors.pending())
         extender.cancel()
         for task in list(self._tasks):
             task.cancel()
@@ -395,6 +400,7 @@ class Daemon:
 
     def _drop(self, conn: _Conn) -> None:
         conn.alive = False
+        self.mirrors.release(conn.id)  # flush what it wrote (even after a crash), stop watching
         self._conns.pop(conn.id, None)
         conn.close_fds()
         with contextlib.suppress(OSError):
@@ -430,10 +436,19 @@ class Daemon:
         elif op == "drain":
             timeout = msg_field(msg, "timeout", (int, float), optional=True)
             self._spawn(self._reply_drain(conn, msg.get("rid"), timeout))
+        elif op == "mirror":
+            self._spawn(self._reply_mirror(conn, msg))
         elif op == "bye":
             raise ConnectionResetError("client said bye")
         else:
             raise ProtocolError(f"unknown op {op!r}")
+
+    async def _reply_mirror(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        try:
+            reply = await self.mirrors.handle(msg, client=conn.id)
+        except (CkptdError, OSError) as e:  # bad run/dir/action, or no inotify watch left
+            reply = {"ev": "error", "error": f"cannot mirror: {e}"}
+        await self._send(conn, {**reply, "rid": msg.get("rid")})
 
     def _welcome(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -444,6 +459,7 @@ class Daemon:
             "store": self.cfg.store,
             "pid": os.getpid(),
             "preempted": self.preempted,
+            "features": ["mirror"],
         }
 
     def _on_slot(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
@@ -898,8 +914,10 @@ class Daemon:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._change.wait(), timeout=min(left or 1.0, 1.0))
+        left_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        mirrored = await self.mirrors.flush_all(left_s)
         left_jobs = self.unfinished()
-        return not left_jobs, left_jobs
+        return not left_jobs and mirrored, left_jobs
 
     async def _reply_drain(self, conn: _Conn, rid: Any, timeout: float | None) -> None:
         ok, left = await self.drain(timeout)
@@ -927,5 +945,6 @@ class Daemon:
             "upload_queue": len(self._upload_queue),
             "bytes_written": self._bytes_written_total,
             "bytes_uploaded": self._bytes_uploaded_total,
+            "mirrors": self.mirrors.pending(),
             "jobs": [j.as_dict() for j in jobs[-50:]],
         }
