@@ -35,7 +35,7 @@ class Slot:
         self.pinned = False
         self.free = threading.Event()
         self.free.set()
-        self.views: dict[tuple[object, ...], list[torch.Tensor]] = {}
+        self.views: dict[object, tuple[list[int], list[torch.Tensor]]] = {}  # by file layout
 
     def ensure(self, size: int, pin: bool) -> bool:
         """Make the slot at least ``size`` bytes; returns True when the fd changed."""

@@ -8,7 +8,9 @@ stream and the next ``optimizer.step`` waits for it on the GPU (see ``stager``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 import itertools
 import logging
 import os
@@ -16,7 +18,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,12 +27,25 @@ from .arena import Arena, Slot
 from .connection import Connection as _Connection
 from .defaults import default_socket
 from .errors import ConfigError, DaemonUnavailableError, SaveError
-from .fmt import SavePlan, plan_save
+from .fmt import PlanCache, SavePlan, plan_save
 from .names import check_name, make_tag
 from .protocol import VERSION
 from .stager import Fence, Stager
 
 log = logging.getLogger("ckptd.client")
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning allocates thousands of small objects; a cyclic GC pass in the middle of it
+    walks the whole training process's heap and can cost more than the copy."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class Backpressure(enum.StrEnum):
@@ -138,6 +153,7 @@ class Checkpointer:
         self._timeout = timeout
         self._arena = Arena(slots, f"{os.getpid()}")
         self._stager = Stager()
+        self._plans = PlanCache()
         self._handles: dict[int, tuple[SaveHandle, int]] = {}  # id -> (handle, slot index)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -276,7 +292,8 @@ class Checkpointer:
         if not all_models and not all_optims and extra is None:
             raise ConfigError("nothing to save: pass model=, models=, optimizer= or extra=")
         self._wait_fence()  # a previous async copy must land before its slot is reused
-        plan = plan_save(all_models, all_optims if save_optim else {}, extra)
+        with _gc_paused():
+            plan = plan_save(all_models, all_optims if save_optim else {}, extra, self._plans)
         for opt in all_optims.values():
             if save_optim and isinstance(opt, torch.optim.Optimizer):
                 self._hook(opt)
@@ -293,7 +310,8 @@ class Checkpointer:
             return SaveHandle(tag, step, skipped=True)
         try:
             grew = self._send_slot(conn, slot, plan)
-            fence = self._stager.stage(plan, slot) if plan.files else Fence()
+            with _gc_paused():
+                fence = self._stager.stage(plan, slot) if plan.files else Fence()
         except BaseException:
             self._arena.release(slot.index)
             raise

@@ -27,6 +27,15 @@ def encode_header(header: dict[str, Any]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def encode_header_parts(metadata: dict[str, str], entries_json: str) -> bytes:
+    """Like ``encode_header``, from the metadata and the tensor entries already in JSON
+    (``"name":{...},...`` without braces), so unchanged entries are not encoded again."""
+    meta = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
+    body = f'{{"__metadata__":{meta}{"," if entries_json else ""}{entries_json}}}'.encode()
+    body += b" " * (-(8 + len(body)) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
 def decode_header(prefix: bytes, file_size: int | None = None) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header; returns (header, data_start). Checks that it is well formed."""
     if len(prefix) < 8:

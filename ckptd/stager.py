@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .arena import Slot
-from .fmt import TORCH_DTYPES, SavePlan
+from .fmt import TORCH_DTYPES, FilePlan, SavePlan
 
 
 class Fence:
@@ -53,30 +53,29 @@ class Stager:
         return self._side
 
     def stage(self, plan: SavePlan, slot: Slot) -> Fence:
-        buf = slot.buf
-        assert buf is not None
+        with torch.no_grad():  # sources may be live parameters that require grad
+            return self._stage(plan, slot)
+
+    def _stage(self, plan: SavePlan, slot: Slot) -> Fence:
         cpu_dst: list[torch.Tensor] = []
         cpu_src: list[torch.Tensor] = []
         cuda_now: list[tuple[torch.Tensor, torch.Tensor]] = []
         cuda_side: list[tuple[torch.Tensor, torch.Tensor]] = []
         for f in plan.files:
-            for ts in f.tensors:
-                n = ts.end - ts.begin
-                if n == 0:
-                    continue
-                dst = buf[ts.arena_offset : ts.arena_offset + n].view(TORCH_DTYPES[ts.dtype])
-                dst = dst.view(ts.shape)
-                src = ts.src
-                if src.device.type == "cuda":
-                    pair = (dst, src)
-                    (cuda_now if f"{f.name}/{ts.name}" in plan.sync_names else cuda_side).append(
-                        pair
-                    )
+            index, views = _views(slot, f)
+            srcs = [f.tensors[i].src for i in index]
+            if not any(src.is_cuda for src in srcs):
+                # Other accelerators (neither CPU nor CUDA) take a plain, blocking copy.
+                cpu_dst.extend(views)
+                cpu_src.extend(src if src.is_cpu else src.cpu() for src in srcs)
+                continue
+            for i, dst, src in zip(index, views, srcs, strict=True):
+                if src.is_cuda:
+                    name = f"{f.name}/{f.tensors[i].name}"
+                    (cuda_now if name in plan.sync_names else cuda_side).append((dst, src))
                 else:
-                    if src.device.type != "cpu":
-                        src = src.cpu()
                     cpu_dst.append(dst)
-                    cpu_src.append(src)
+                    cpu_src.append(src if src.is_cpu else src.cpu())
         if cpu_dst:
             _copy_all(cpu_dst, cpu_src)
         events: list[torch.cuda.Event] = []
@@ -100,6 +99,27 @@ class Stager:
                     ev.record(side)
                 events.append(ev)
         return Fence(events)
+
+
+def _views(slot: Slot, f: FilePlan) -> tuple[list[int], list[torch.Tensor]]:
+    """Typed views of the slot for each non-empty tensor of ``f``, built once per (slot, layout)."""
+    cached = slot.views.get(f)
+    if cached is None:
+        buf = slot.buf
+        assert buf is not None
+        if len(slot.views) > 16:  # layouts that keep changing: do not hoard views
+            slot.views.clear()
+        index: list[int] = []
+        views: list[torch.Tensor] = []
+        for i, ts in enumerate(f.tensors):
+            n = ts.end - ts.begin
+            if n == 0:
+                continue
+            v = buf[ts.arena_offset : ts.arena_offset + n].view(TORCH_DTYPES[ts.dtype])
+            index.append(i)
+            views.append(v.view(ts.shape))
+        cached = slot.views[f] = (index, views)
+    return cached
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

@@ -95,7 +95,7 @@ def test_hostile_messages_drop_only_that_client(daemon, payload: bytes) -> None:
 
 
 def test_save_pointing_outside_its_arena_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
-    from ckptd.fmt import encode_header
+    from ckptd.header import encode_header
 
     s = _raw(daemon)
     fd = _memfd(4096)

@@ -167,3 +167,30 @@ def test_bad_arguments_are_refused_early(daemon) -> None:  # type: ignore[no-unt
         assert not [j for j in ckpt.status()["jobs"] if j["run"] == "args"]
     with pytest.raises(ckptd.ConfigError):
         Checkpointer("x", socket=daemon.socket, backpressure="sometimes")
+
+
+def test_plan_cache_follows_changes_between_saves(daemon) -> None:  # type: ignore[no-untyped-def]
+    """Saves reuse layouts; values, learning rates, shapes and ties that change must still land."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    run = os.path.join(daemon.root, "cache")
+    with Checkpointer("cache", socket=daemon.socket) as ckpt:
+        for step in (1, 2, 3):  # same layout: cached; values and lr change
+            train_steps(model, opt, 1, seed=step, sched=sched)
+            ckpt.save(step, model=model, optimizer=opt).wait()
+            state = ckptd.load(run)
+            assert bitwise_equal(state["model"], model.state_dict())
+            assert bitwise_equal(state["optimizer"], opt.state_dict())
+        model.body[0] = torch.nn.Linear(16, 40)  # a new shape: the layout must be redone
+        model.body[2] = torch.nn.Linear(40, 16)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train_steps(model, opt, 1, seed=4)
+        ckpt.save(4, model=model, optimizer=opt).wait()
+        assert bitwise_equal(ckptd.load(run)["model"], model.state_dict())
+        model.head.weight = torch.nn.Parameter(model.embed.weight.detach().clone() + 1)  # untie
+        ckpt.save(5, model=model).wait()
+        state = ckptd.load(run)
+        assert bitwise_equal(state["model"], model.state_dict())
+        assert not torch.equal(state["model"]["head.weight"], state["model"]["embed.weight"])
