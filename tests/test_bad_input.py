@@ -81,7 +81,7 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("payload", HOSTILE, ids=range(len(HOSTILE)))
-def test_hostile_messages_drop_only_that_client(daemon, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_messages_drop_only_that_client(daemon, payload: bytes, fault_log) -> None:  # type: ignore[no-untyped-def]
     with Checkpointer("bystander", socket=daemon.socket) as bystander:
         s = _raw(daemon)
         s.sendall(payload)
@@ -90,6 +90,8 @@ def test_hostile_messages_drop_only_that_client(daemon, payload: bytes) -> None:
         s.close()
         bystander.save(1, model=Net()).wait(timeout=30)  # an open connection keeps working
     _alive_and_serving(daemon)
+    lost = int(not ckptd.list_checkpoints(os.path.join(daemon.root, "bystander")))
+    fault_log(f"hostile message: {payload[:24]!r}", 1, 1, lost)
     assert not os.path.exists(os.path.join(os.path.dirname(daemon.root), "evil.msgpack"))
     assert not os.path.exists("/etc/checkpoints")
 
@@ -114,7 +116,7 @@ def test_save_pointing_outside_its_arena_is_refused(daemon) -> None:  # type: ig
     _alive_and_serving(daemon)
 
 
-def test_random_bytes_fuzz(daemon) -> None:  # type: ignore[no-untyped-def]
+def test_random_bytes_fuzz(daemon, fault_log) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(1234)
     for i in range(40):
         s = _raw(daemon)
@@ -125,6 +127,7 @@ def test_random_bytes_fuzz(daemon) -> None:  # type: ignore[no-untyped-def]
         s.sendall(blob)
         s.close()
     _alive_and_serving(daemon)
+    fault_log("random bytes on the socket", 40, 1, 0)
 
 
 TRAINER = textwrap.dedent(
@@ -141,7 +144,7 @@ TRAINER = textwrap.dedent(
 )
 
 
-def test_trainer_killed_right_after_save_still_commits(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_trainer_killed_right_after_save_still_commits(daemon, tmp_path, fault_log) -> None:  # type: ignore[no-untyped-def]
     ref = tmp_path / "ref.pt"
     proc = subprocess.run([sys.executable, "-c", TRAINER, daemon.socket, str(ref)], timeout=120)
     assert proc.returncode == -signal.SIGKILL
@@ -152,9 +155,10 @@ def test_trainer_killed_right_after_save_still_commits(daemon, tmp_path) -> None
     expect = torch.load(ref, weights_only=True)
     assert bitwise_equal(state["model"], expect)
     assert state["extra"] == {"why": "killed right after save"}
+    fault_log("trainer SIGKILLed right after save() returned", 1, 1, 0)
 
 
-def test_corrupt_file_is_caught_and_restore_falls_back(daemon) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_file_is_caught_and_restore_falls_back(daemon, fault_log) -> None:  # type: ignore[no-untyped-def]
     model = Net()
     opt = torch.optim.Adam(model.parameters())
     with Checkpointer("torn", socket=daemon.socket) as ckpt:
@@ -184,6 +188,8 @@ def test_corrupt_file_is_caught_and_restore_falls_back(daemon) -> None:  # type:
         f.truncate(100)
     with pytest.raises(ckptd.IntegrityError, match="bytes on disk"):
         ckptd.load(run, tag="step-00000002")
+    # The corrupted one is damaged by the test itself; the other is restored intact.
+    fault_log("bytes flipped, then file truncated (caught, never loaded)", 2, 2, 0)
 
 
 def test_second_daemon_on_same_root_refuses(daemon, short_dir: str) -> None:  # type: ignore[no-untyped-def]
@@ -197,7 +203,7 @@ def test_second_daemon_on_same_root_refuses(daemon, short_dir: str) -> None:  # 
     _alive_and_serving(daemon)
 
 
-def test_restart_removes_partial_and_keeps_committed(daemon) -> None:  # type: ignore[no-untyped-def]
+def test_restart_removes_partial_and_keeps_committed(daemon, fault_log) -> None:  # type: ignore[no-untyped-def]
     with Checkpointer("restart", socket=daemon.socket) as ckpt:
         ckpt.save(1, model=Net()).wait()
     daemon.kill()
@@ -211,6 +217,7 @@ def test_restart_removes_partial_and_keeps_committed(daemon) -> None:  # type: i
     assert [m["tag"] for m in ckptd.list_checkpoints(os.path.join(daemon.root, "restart"))] == [
         "step-00000001"
     ]
+    fault_log("daemon SIGKILLed, torn directories left", 2, 1, 0)
 
 
 def test_tag_is_never_overwritten(daemon) -> None:  # type: ignore[no-untyped-def]
@@ -234,7 +241,9 @@ def tiny_fs(tmp_path):  # type: ignore[no-untyped-def]
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_fails_the_save_clearly_and_daemon_keeps_serving(make_daemon, tiny_fs) -> None:  # type: ignore[no-untyped-def]
+def test_full_disk_fails_the_save_clearly_and_daemon_keeps_serving(
+    make_daemon, tiny_fs, fault_log
+) -> None:  # type: ignore[no-untyped-def]
     d = make_daemon(root=os.path.join(tiny_fs, "root"))
     big = torch.nn.Linear(1024, 1024)  # 4 MiB of weights > 3 MiB disk
     with Checkpointer("full", socket=d.socket) as ckpt:
@@ -246,6 +255,8 @@ def test_full_disk_fails_the_save_clearly_and_daemon_keeps_serving(make_daemon, 
         )
         ckpt.save(2, model=torch.nn.Linear(8, 8)).wait(timeout=30)  # room for a small one
     assert [m["step"] for m in ckptd.list_checkpoints(os.path.join(d.root, "full"))] == [2]
+    # The save that did not fit was never committed (its handle said why); nothing committed lost.
+    fault_log("disk full (3 MiB tmpfs) during a save", 1, 1, 0)
 
 
 def test_unwritable_root_is_a_clear_start_error(tmp_path, short_dir: str) -> None:  # type: ignore[no-untyped-def]

@@ -70,7 +70,7 @@ MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 << 30
 MAX_PARTS = 10_000
-DEFAULT_PART_SIZE = 16 * MiB
+DEFAULT_PART_SIZE = 8 * MiB  # boto3 TransferConfig uses 8 MiB too: more parts in flight per file
 
 NO_CREDENTIALS = (
     "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
@@ -160,7 +160,7 @@ class S3Store(Store):
         *,
         part_size: int = DEFAULT_PART_SIZE,
         multipart_threshold: int | None = None,
-        max_concurrency: int = 6,
+        max_concurrency: int = 8,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         retry_attempts: int = 6,
