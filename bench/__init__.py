@@ -1,0 +1,1 @@
+"""ckptd benchmark suite: ``python -m bench`` (see bench/RESULTS.md)."""
