@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import msgpack
 import pytest
@@ -271,3 +272,26 @@ def test_unwritable_root_is_a_clear_start_error(tmp_path, short_dir: str) -> Non
          os.path.join(short_dir, "ro2.sock")], capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "cannot create root" in out.stderr
+
+
+def test_dead_clients_leak_no_memory_or_descriptors(daemon) -> None:  # type: ignore[no-untyped-def]
+    """Arenas are memfds passed to the daemon: nothing in /dev/shm, descriptors closed when done."""
+
+    def daemon_fds() -> int:
+        return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+    shm_before = set(os.listdir("/dev/shm"))
+    with Checkpointer("warm", socket=daemon.socket) as ckpt:
+        ckpt.save(1, model=torch.nn.Linear(4, 4)).wait()
+    fds_before = daemon_fds()
+    for i in range(5):
+        ref = os.path.join(daemon.root, f"ref{i}.pt")
+        proc = subprocess.run([sys.executable, "-c", TRAINER, daemon.socket, ref], timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+    with Checkpointer("watch", socket=daemon.socket) as ckpt:
+        assert ckpt._conn.request({"op": "drain", "timeout": 60})["ok"]  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while daemon_fds() > fds_before:  # closed as each job finishes: poll with a bound
+        assert time.monotonic() < deadline, "the daemon kept dead clients' descriptors"
+        time.sleep(0.05)
+    assert set(os.listdir("/dev/shm")) <= shm_before

@@ -7,6 +7,7 @@ and the checkpoint kept on disk for the next start.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -170,3 +171,47 @@ def test_sigterm_while_store_down_reports_and_keeps(proxied, make_daemon, fault_
     lost = _lost(store, "stuck", {1: m.state_dict()})
     fault_log(f"{store[:2]}: SIGTERM while the store is down, then restart", 1, 1, lost)
     assert lost == 0
+
+
+def test_daemon_killed_mid_upload_resumes_from_its_journal(
+    s3_proxy, s3_bucket, make_daemon, fault_log
+) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL in the middle of a multipart upload: the restart continues it; finished parts stay."""
+    import json
+
+    store = f"s3://{s3_bucket}/mid"
+    d = make_daemon(store=store, args=["--file-concurrency", "1"])
+    torch.manual_seed(5)
+    big = {"w": torch.randn(20 << 20 >> 2), "v": torch.randn(20 << 20 >> 2)}  # 40 MiB: 5 parts
+    s3_proxy.limit_bandwidth(6 << 20)  # slow enough to be caught half way
+    jdir = os.path.join(d.root, ".ckptd", "journal", "mid", "step-00000001")
+
+    def finished_parts() -> set[str]:
+        parts: set[str] = set()
+        for name in os.listdir(jdir) if os.path.isdir(jdir) else []:
+            try:
+                with open(os.path.join(jdir, name)) as f:
+                    parts |= set(json.load(f).get("parts", {}))
+            except (OSError, ValueError):
+                continue  # being replaced right now
+        return parts
+
+    with Checkpointer("mid", socket=d.socket) as ckpt:
+        ckpt.save(1, model=big).wait("committed", timeout=60)
+        _until(lambda: len(finished_parts()) >= 1, 120, "a first part to finish")
+    d.kill()
+    done_before = finished_parts()
+    n_before = len(s3_proxy.requests)
+    s3_proxy.limit_bandwidth(None)
+    d.start()
+    with Checkpointer("watch", socket=d.socket) as ckpt:
+        assert ckpt._conn.request({"op": "drain", "timeout": 120}, timeout=180)["ok"]  # type: ignore[union-attr]
+    after = s3_proxy.requests[n_before:]
+    resent = {
+        r.split("partNumber=")[1].split("&")[0].split()[0] for r in after if "partNumber=" in r
+    }
+    lost = _lost(store, "mid", {1: big})
+    fault_log("s3: daemon SIGKILLed in the middle of a multipart upload", 1, 1, lost)
+    assert lost == 0
+    assert any(r.startswith("GET") and "uploadId=" in r for r in after)  # list_parts on resume
+    assert not resent & done_before, f"finished parts sent again: {sorted(resent & done_before)}"

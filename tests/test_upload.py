@@ -184,3 +184,16 @@ def test_fair_share_between_runs(s3_bucket, make_daemon) -> None:  # type: ignor
     runs = [r for _, r in order]
     # run-b's only checkpoint did not wait behind all four of run-a's.
     assert runs.index("run-b") < 4, runs
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_daemon_refuses_to_start_on_a_missing_bucket(scheme: str, request, short_dir) -> None:  # type: ignore[no-untyped-def]
+    request.getfixturevalue("s3_bucket" if scheme == "s3" else "gcs_bucket")  # server + env
+    url = f"{scheme}://no-such-bucket-{os.getpid()}/x"
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd", "serve", "--root", os.path.join(short_dir, "root"),
+         "--socket", os.path.join(short_dir, "s.sock"), "--store", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "no-such-bucket" in out.stderr and "bucket" in out.stderr.lower()

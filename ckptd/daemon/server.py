@@ -136,7 +136,8 @@ class Daemon:
         self._stores: dict[str, Store] = {}
         self._latest_step: dict[str, int] = {}
         self._latest_lock = asyncio.Lock()
-        self._remote_latest: dict[str, int] = {}  # store+run -> newest step uploaded
+        self._remote_latest: dict[str, int] = {}
+        self._remote_latest_lock = asyncio.Lock()  # store+run -> newest step uploaded
         self._served: dict[str, float] = {}  # run -> when its last upload started (fairness)
         self._closing = False
         self._stop = asyncio.Event()
@@ -777,9 +778,10 @@ class Daemon:
                     with_retries=retrying,
                 )
                 key = f"{job.store}\0{job.run}"
-                if job.step >= self._remote_latest.get(key, -1):
-                    await update_remote_latest(store, job.run, job.tag, retrying)
-                    self._remote_latest[key] = job.step
+                async with self._remote_latest_lock:  # check and write as one: never backwards
+                    if job.step >= self._remote_latest.get(key, -1):
+                        await update_remote_latest(store, job.run, job.tag, retrying)
+                        self._remote_latest[key] = job.step
                 await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
             except PermanentStorageError as e:
                 job.error = f"upload of {job.key} to {job.store} failed: {e}"
