@@ -63,26 +63,35 @@ def _memfd(size: int) -> int:
 
 
 HOSTILE = [
-    b"\x00\x00\x00\x05hello",  # not msgpack
-    b"\xff\xff\xff\xff",  # declared 4 GiB frame
-    encode({"op": 3}),  # wrong type
-    encode({"op": "nope"}),  # unknown op
-    encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1, "files": [], "inline": {}}),
-    encode({"op": "save", "id": 1, "run": "../../etc", "tag": "t", "step": 1, "files": []}),
-    encode({"op": "save", "id": 1, "run": "r", "tag": "/abs", "step": 1, "files": []}),
-    encode({"op": "save", "id": 1, "run": "r", "tag": "t\x00x", "step": 1, "files": []}),
-    encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1, "slot": 0, "generation": 1,
-            "files": [{"name": "x.safetensors", "header": b"", "offset": 0, "size": 8}]}),  # no slot
-    encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1,
-            "inline": {"../../evil.msgpack": b"x"}, "files": []}),
-    encode({"op": "slot", "slot": 0, "size": 1 << 20, "generation": 1}),  # no fd
-    encode({"op": "drain", "timeout": "soon"}),
-    b"\x00\x00\x00\x10" + msgpack.packb({"op": "status"})[:3],  # truncated, then EOF
+    ("not msgpack", b"\x00\x00\x00\x05hello"),
+    ("a declared 4 GiB frame", b"\xff\xff\xff\xff"),
+    ("op of the wrong type", encode({"op": 3})),
+    ("unknown op", encode({"op": "nope"})),
+    ("save with no files",
+     encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1, "files": [], "inline": {}})),
+    ("run ../../etc (path traversal)",
+     encode({"op": "save", "id": 1, "run": "../../etc", "tag": "t", "step": 1, "files": []})),
+    ("tag /abs (absolute path)",
+     encode({"op": "save", "id": 1, "run": "r", "tag": "/abs", "step": 1, "files": []})),
+    ("tag with a NUL byte",
+     encode({"op": "save", "id": 1, "run": "r", "tag": "t\x00x", "step": 1, "files": []})),
+    ("save naming a slot never sent",
+     encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1, "slot": 0, "generation": 1,
+             "files": [{"name": "x.safetensors", "header": b"", "offset": 0, "size": 8}]})),
+    ("inline file ../../evil.msgpack",
+     encode({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1,
+             "inline": {"../../evil.msgpack": b"x"}, "files": []})),
+    ("slot message without a descriptor",
+     encode({"op": "slot", "slot": 0, "size": 1 << 20, "generation": 1})),
+    ("drain timeout of the wrong type", encode({"op": "drain", "timeout": "soon"})),
+    ("truncated frame, then EOF", b"\x00\x00\x00\x10" + msgpack.packb({"op": "status"})[:3]),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("payload", HOSTILE, ids=range(len(HOSTILE)))
-def test_hostile_messages_drop_only_that_client(daemon, payload: bytes, fault_log) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("label", "payload"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_messages_drop_only_that_client(
+    daemon, label: str, payload: bytes, fault_log
+) -> None:  # type: ignore[no-untyped-def]
     with Checkpointer("bystander", socket=daemon.socket) as bystander:
         s = _raw(daemon)
         s.sendall(payload)
@@ -92,7 +101,7 @@ def test_hostile_messages_drop_only_that_client(daemon, payload: bytes, fault_lo
         bystander.save(1, model=Net()).wait(timeout=30)  # an open connection keeps working
     _alive_and_serving(daemon)
     lost = int(not ckptd.list_checkpoints(os.path.join(daemon.root, "bystander")))
-    fault_log(f"hostile message: {payload[:24]!r}", 1, 1, lost)
+    fault_log(f"hostile message: {label}", 1, 1, lost)
     assert not os.path.exists(os.path.join(os.path.dirname(daemon.root), "evil.msgpack"))
     assert not os.path.exists("/etc/checkpoints")
 

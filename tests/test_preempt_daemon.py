@@ -37,7 +37,9 @@ class _Served:
         self.loop.close()
 
 
-def test_notice_tells_clients_and_uploads_newest_first(s3_proxy, s3_bucket, make_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_notice_tells_clients_and_uploads_newest_first(
+    s3_proxy, s3_bucket, make_daemon, fault_log
+) -> None:  # type: ignore[no-untyped-def]
     served = _Served()
     try:
         d = make_daemon(
@@ -69,5 +71,7 @@ def test_notice_tells_clients_and_uploads_newest_first(s3_proxy, s3_bucket, make
         assert "preemption notice from aws" in d.log_text()
         # The dropped checkpoint is still on local disk.
         assert ckptd.load(f"{d.root}/spot", tag="step-00000002")["meta"]["step"] == 2
+        # Step 2's upload was dropped on purpose (superseded); its local copy is kept: not lost.
+        fault_log("spot notice (AWS IMDSv2) with an upload backlog", 1, 3, 0)
     finally:
         served.close()
