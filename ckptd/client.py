@@ -63,7 +63,7 @@ class SaveHandle:
         self.step = step
         self.skipped = skipped
         self.path: str | None = None
-        self._state = "uploaded" if skipped else "staged"
+        self._state = "staged"
         self._error: BaseException | None = None
         self._cv = threading.Condition()
 
@@ -86,8 +86,9 @@ class SaveHandle:
             self._cv.notify_all()
 
     def done(self) -> bool:
-        """True once the save is uploaded (or committed to a root that is the store), or failed."""
-        return self._error is not None or self._state == "uploaded"
+        """True once the save is uploaded (or committed to a root that is the store), failed,
+        or skipped."""
+        return self.skipped or self._error is not None or self._state == "uploaded"
 
     def check(self) -> None:
         """Re-raise a background failure, without blocking."""
@@ -98,6 +99,11 @@ class SaveHandle:
         """Block until the save reached ``until`` ("committed" or "uploaded"); raise its failure."""
         if until not in ("committed", "uploaded"):
             raise ConfigError(f"until must be 'committed' or 'uploaded', not {until!r}")
+        if self.skipped:
+            raise SaveError(
+                f"save {self.tag} was skipped: every staging slot was busy (backpressure='skip'); "
+                "it will never be committed"
+            )
         want = self._ORDER[until]
         with self._cv:
             ok = self._cv.wait_for(

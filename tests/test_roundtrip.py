@@ -147,6 +147,10 @@ def test_skip_backpressure_counts_skipped_saves(daemon) -> None:  # type: ignore
         assert held is not None
         h = ckpt.save(1, model=model)
         assert h.skipped and h.state == "skipped" and ckpt.skipped == 1
+        assert h.done()
+        h.check()  # a skip is not a failure...
+        with pytest.raises(ckptd.SaveError, match="skipped"):
+            h.wait()  # ...but waiting for it to be committed would wait forever
         ckpt._arena.release(held.index)
         ckpt.save(2, model=model).wait()
     assert [m["step"] for m in ckptd.list_checkpoints(os.path.join(daemon.root, "skippy"))] == [2]
