@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 from ckptd.demo import bitwise_equal
 
-__all__ = ["Net", "bitwise_equal", "train_steps"]
+__all__ = ["Net", "bitwise_equal", "train_steps", "until"]
 
 
 class Net(nn.Module):
@@ -53,3 +55,12 @@ def train_steps(
             sched.step()
         losses.append(loss.item())
     return losses
+
+
+def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition with a bound: for state with no event to wait on from outside."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

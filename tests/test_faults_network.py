@@ -16,7 +16,7 @@ import torch
 
 import ckptd
 from ckptd import Checkpointer
-from tests.helpers import bitwise_equal
+from tests.helpers import bitwise_equal, until
 
 
 @pytest.fixture(params=["s3", "gs"])
@@ -53,13 +53,6 @@ def _lost(store: str, run: str, expect: dict[int, dict[str, torch.Tensor]]) -> i
 
 def _retries(ckpt: Checkpointer, run: str) -> int:
     return sum(j["retries"] for j in ckpt.status()["jobs"] if j["run"] == run)
-
-
-def _until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_503s_and_resets(proxied, make_daemon, fault_log) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +115,7 @@ def test_store_unreachable_then_back(proxied, make_daemon, fault_log) -> None:  
             m, _ = _model(step)
             ckpt.save(step, model=m).wait("committed", timeout=60)
             saved[step] = m.state_dict()
-        _until(lambda: _retries(ckpt, "outage") > 0, 120, "failed upload attempts")
+        until(lambda: _retries(ckpt, "outage") > 0, 120, "failed upload attempts")
         refused = proxy.injected["refused"]
         proxy.up()
         reply = ckpt._conn.request({"op": "drain", "timeout": 240}, timeout=300)  # type: ignore[union-attr]
@@ -198,7 +191,7 @@ def test_daemon_killed_mid_upload_resumes_from_its_journal(
 
     with Checkpointer("mid", socket=d.socket) as ckpt:
         ckpt.save(1, model=big).wait("committed", timeout=60)
-        _until(lambda: len(finished_parts()) >= 1, 120, "a first part to finish")
+        until(lambda: len(finished_parts()) >= 1, 120, "a first part to finish")
     d.kill()
     done_before = finished_parts()
     n_before = len(s3_proxy.requests)

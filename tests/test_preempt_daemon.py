@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import torch
 
 import ckptd
 from ckptd import Checkpointer
 from tests.test_preempt import FakeMetadata
-
-
-def _poll(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class _Served:

@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import boto3
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 import ckptd
 from ckptd import Checkpointer
-from tests.helpers import bitwise_equal
+from tests.helpers import bitwise_equal, until
 
 
 class Wide(torch.nn.Module):
@@ -37,15 +35,6 @@ def _trained() -> tuple[Wide, torch.optim.Optimizer]:
     m(torch.randn(4, 2304)).sum().backward()
     opt.step()
     return m, opt
-
-
-def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition with a bound (status changes have no event to wait on from outside)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _ckptd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -125,7 +114,7 @@ def test_retention_local_and_remote(s3_bucket, make_daemon) -> None:  # type: ig
     def remote() -> dict[int, list[str]]:
         return {m["step"]: sorted(m["files"]) for m in ckptd.list_checkpoints(f"{store}/ret")}
 
-    _until(lambda: sorted(remote()) == [4, 5, 6], 30, "remote retention")
+    until(lambda: sorted(remote()) == [4, 5, 6], 30, "remote retention")
     kept = remote()
     assert "model.optim.safetensors" in kept[6]
     assert "model.optim.safetensors" not in kept[5] and "model.optim.safetensors" not in kept[4]
@@ -134,7 +123,7 @@ def test_retention_local_and_remote(s3_bucket, make_daemon) -> None:  # type: ig
     assert not [k for k in keys if "/step-00000001/" in k or "/step-00000003/" in k]
     assert not [k for k in keys if "/step-00000005/model.optim" in k]
     assert ckptd.load(f"{store}/ret", tag="step-00000005")["meta"]["optimizer_dropped"]
-    _until(lambda: [m["step"] for m in ckptd.list_checkpoints(os.path.join(d.root, "ret"))] == [6],
+    until(lambda: [m["step"] for m in ckptd.list_checkpoints(os.path.join(d.root, "ret"))] == [6],
            30, "local retention")  # fmt: skip
 
 
