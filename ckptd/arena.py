@@ -37,9 +37,12 @@ class Slot:
         self.free.set()
         self.views: dict[object, tuple[list[int], list[torch.Tensor]]] = {}  # by file layout
 
+    def fits(self, size: int) -> bool:
+        return size <= self.size and self.fd >= 0
+
     def ensure(self, size: int, pin: bool) -> bool:
         """Make the slot at least ``size`` bytes; returns True when the fd changed."""
-        if size <= self.size and self.fd >= 0:
+        if self.fits(size):
             return False
         self.release()
         new = max(_GRANULE, (size + size // 8 + _GRANULE - 1) // _GRANULE * _GRANULE)

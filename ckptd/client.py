@@ -338,7 +338,8 @@ class Checkpointer:
 
     def _send_slot(self, conn: _Connection, slot: Slot, plan: SavePlan) -> bool:
         """Make the slot big enough and make sure the daemon has its descriptor."""
-        grew = slot.ensure(plan.arena_size, pin=self._pin(plan))
+        # Whether to pin is asked only when the slot must grow: not a tensor walk per save.
+        grew = not slot.fits(plan.arena_size) and slot.ensure(plan.arena_size, self._pin(plan))
         key = (slot.index, slot.generation)
         if plan.files and key not in self._sent_slots:
             conn.send(
@@ -369,8 +370,7 @@ class Checkpointer:
                 held.append(slot)
             try:
                 for slot in held:
-                    if slot.size < size:
-                        slot.ensure(size, pin=pin)
+                    slot.ensure(size, pin=pin)
             finally:
                 for slot in held:
                     self._arena.release(slot.index)
