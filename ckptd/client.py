@@ -63,6 +63,7 @@ class SaveHandle:
         self.step = step
         self.skipped = skipped
         self.path: str | None = None
+        self.files: dict[str, Any] = {}  # name -> {size, crc32c}, as the daemon wrote them
         self._state = "staged"
         self._error: BaseException | None = None
         self._cv = threading.Condition()
@@ -243,6 +244,8 @@ class Checkpointer:
         if ev == "released":
             self._arena.release(index)
         elif ev == "committed":
+            if isinstance(files := msg.get("files"), dict):
+                handle.files = files
             handle._advance("committed", msg.get("path"))
         elif ev == "uploaded":
             handle._advance("uploaded")
@@ -336,12 +339,52 @@ class Checkpointer:
             self._send_save(msg, handle, slot.index)
         return handle
 
-    def _send_slot(self, conn: _Connection, slot: Slot, plan: SavePlan) -> bool:
-        """Make the slot big enough and make sure the daemon has its descriptor."""
-        # Whether to pin is asked only when the slot must grow: not a tensor walk per save.
-        grew = not slot.fits(plan.arena_size) and slot.ensure(plan.arena_size, self._pin(plan))
+    def _save_part(
+        self,
+        tag: str,
+        step: int,
+        slot: Slot,
+        name: str,
+        header: bytes,
+        segments: list[tuple[int, int]],
+    ) -> SaveHandle:
+        """Hand one staged file of a sharded checkpoint to the daemon (see ``ckptd.dcp``).
+
+        The data section is gathered from ``segments`` of ``slot``; the slot is released when the
+        daemon has written it. The part stays invisible until a ``commit`` lists it.
+        """
+        conn = self._ensure_connected()
+        self._send_fd(conn, slot)
+        sid = next(self._ids)
+        handle = SaveHandle(tag, step)
+        msg = {
+            "op": "save",
+            "id": sid,
+            "run": self.run,
+            "tag": tag,
+            "step": step,
+            "store": self.store,
+            "slot": slot.index,
+            "generation": slot.generation,
+            "part": True,
+            "files": [
+                {
+                    "name": name,
+                    "header": header,
+                    "offset": segments[0][0] if segments else 0,
+                    "size": sum(n for _, n in segments),
+                    "segments": [list(seg) for seg in segments],
+                }
+            ],
+        }
+        with self._lock:
+            self._handles[sid] = (handle, slot.index)
+        self._send_save(msg, handle, slot.index)
+        return handle
+
+    def _send_fd(self, conn: _Connection, slot: Slot) -> None:
         key = (slot.index, slot.generation)
-        if plan.files and key not in self._sent_slots:
+        if key not in self._sent_slots:
             conn.send(
                 {
                     "op": "slot",
@@ -352,6 +395,13 @@ class Checkpointer:
                 fd=slot.fd,
             )
             self._sent_slots.add(key)
+
+    def _send_slot(self, conn: _Connection, slot: Slot, plan: SavePlan) -> bool:
+        """Make the slot big enough and make sure the daemon has its descriptor."""
+        # Whether to pin is asked only when the slot must grow: not a tensor walk per save.
+        grew = not slot.fits(plan.arena_size) and slot.ensure(plan.arena_size, self._pin(plan))
+        if plan.files:
+            self._send_fd(conn, slot)
         return grew
 
     @staticmethod

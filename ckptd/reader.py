@@ -32,7 +32,7 @@ from .catalog import (
     split_tag,
     verify,
 )
-from .errors import IntegrityError, NotFoundError, SerializationError
+from .errors import ConfigError, IntegrityError, NotFoundError, SerializationError
 from .fmt import TORCH_DTYPES, decode_header
 from .storage import is_local, local_path, open_store
 from .tree import unflatten
@@ -161,7 +161,17 @@ def _to_device(obj: Any, device: Any) -> Any:
     return obj
 
 
+def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
+    if manifest.get("kind") == "dcp":
+        raise ConfigError(
+            f"{where}@{manifest.get('tag')} is a sharded checkpoint saved through "
+            "torch.distributed.checkpoint (dcp); load it with dcp.load(state, checkpoint_id=TAG, "
+            f"storage_reader=ckptd.dcp.Reader(url={where!r}))"
+        )
+
+
 def _load_located(loc: Located, map_location: Any) -> dict[str, Any]:
+    _refuse_sharded(loc.manifest, loc.url)
     if is_local(loc.url):
         return _load_dir(
             os.path.join(local_path(loc.url), "checkpoints", loc.tag), loc.manifest, map_location
@@ -193,6 +203,7 @@ def _load_best(
     if (direct := checkpoint_directory(url)) is not None:
         path, manifest = direct
         loc = Located(path, str(manifest.get("tag")), manifest, directory=path)
+        _refuse_sharded(manifest, path)
         try:
             return _load_dir(path, manifest, map_location), loc
         except IntegrityError as e:

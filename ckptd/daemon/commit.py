@@ -15,6 +15,7 @@ complete checkpoint or a directory the next start removes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -38,24 +39,40 @@ class StagedFile:
     header: bytes
     offset: int  # in the slot
     size: int  # data section bytes
+    segments: list[tuple[int, int]] | None = None
+    """(offset, size) pieces of the slot, in file order, when the data section is not one run:
+    a DCP rank writes a subset of what it staged, and gathering beats a second copy."""
+
+    def views(self, slot: memoryview) -> list[memoryview]:
+        if self.segments is None:
+            return [slot[self.offset : self.offset + self.size]]
+        return [slot[o : o + n] for o, n in self.segments]
 
 
 def crc_hex(value: int) -> str:
     return f"{value:08x}"
 
 
-def write_file(path: str, header: bytes, data: memoryview, progress: Callable[[int], None]) -> int:
-    """Write header + data to ``path`` and fsync; returns the CRC32C of the whole file."""
-    crc_future = _HASHERS.submit(_crc_of, header, data)
+def write_file(
+    path: str,
+    header: bytes,
+    data: memoryview | list[memoryview],
+    progress: Callable[[int], None],
+) -> int:
+    """Write header + data (one view, or pieces in order) to ``path`` and fsync; returns the
+    CRC32C of the whole file."""
+    pieces = data if isinstance(data, list) else [data]
+    crc_future = _HASHERS.submit(_crc_of, header, pieces)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, memoryview(header))
-            pos = 0
-            while pos < len(data):
-                n = _write_all(fd, data[pos : pos + _CHUNK])
-                pos += n
-                progress(n)
+            for piece in pieces:
+                pos = 0
+                while pos < len(piece):
+                    n = _write_all(fd, piece[pos : pos + _CHUNK])
+                    pos += n
+                    progress(n)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -65,10 +82,11 @@ def write_file(path: str, header: bytes, data: memoryview, progress: Callable[[i
     return crc_future.result()
 
 
-def _crc_of(header: bytes, data: memoryview) -> int:
+def _crc_of(header: bytes, pieces: list[memoryview]) -> int:
     value = crc32c.crc32c(header)
-    for pos in range(0, len(data), _CHUNK):
-        value = crc32c.crc32c(data[pos : pos + _CHUNK], value)
+    for data in pieces:
+        for pos in range(0, len(data), _CHUNK):
+            value = crc32c.crc32c(data[pos : pos + _CHUNK], value)
     return value
 
 
@@ -104,9 +122,7 @@ def write_staged(
     os.makedirs(partial)
     records: dict[str, dict[str, Any]] = {}
     for f in files:
-        crc = write_file(
-            os.path.join(partial, f.name), f.header, slot[f.offset : f.offset + f.size], progress
-        )
+        crc = write_file(os.path.join(partial, f.name), f.header, f.views(slot), progress)
         records[f.name] = {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
     for name, data in inline.items():
         crc = write_file(os.path.join(partial, name), b"", memoryview(data), progress)
@@ -134,6 +150,83 @@ def write_staged_safely(
     final = checkpoint_dir(args[0], args[1], args[2])
     shutil.rmtree(final + ".partial", ignore_errors=True)
     return None, {}, err
+
+
+def parts_dir(root: str, run: str, tag: str) -> str:
+    """Where this daemon keeps its ranks' parts of a sharded checkpoint until it is committed:
+    inside the state directory, so no listing ever shows them."""
+    return os.path.join(root, ".ckptd", "parts", run.replace("/", "~"), tag)
+
+
+def write_part(
+    root: str, run: str, tag: str, f: StagedFile, slot: memoryview, progress: Callable[[int], None]
+) -> tuple[str, dict[str, Any]]:
+    """One rank's file of a sharded checkpoint: temp name, fsync, rename. Returns (path, record)."""
+    final = checkpoint_dir(root, run, tag)
+    if os.path.exists(os.path.join(final, "MANIFEST.json")):
+        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
+    directory = parts_dir(root, run, tag)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f.name)
+    tmp = path + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    crc = write_file(tmp, f.header, f.views(slot), progress)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    return path, {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
+
+
+def write_part_safely(*args: Any) -> tuple[str | None, dict[str, Any], Exception | None]:
+    """``write_part`` returning its error without a traceback (see ``write_staged_safely``)."""
+    try:
+        path, record = write_part(*args)
+    except OSError as e:
+        return None, {}, OSError(e.errno, e.strerror, e.filename)
+    except SaveError as e:
+        return None, {}, SaveError(str(e))
+    return path, record, None
+
+
+def assemble_parts(
+    root: str, run: str, tag: str, parts: dict[str, dict[str, Any]], inline: dict[str, bytes]
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Gather every rank's part (all on this daemon) into ``<tag>.partial`` for ``commit``.
+
+    Each part must be here with the size its rank reported; a part that is elsewhere (another
+    node's daemon) cannot be committed to this root, and nothing is moved in that case.
+    """
+    src = parts_dir(root, run, tag)
+    for name, rec in parts.items():
+        path = os.path.join(src, name)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise SaveError(
+                f"part {name} of {run}@{tag} is not on this daemon: ranks on several nodes "
+                "need a shared store (Writer(store=...) or ckptd serve --store)"
+            ) from None
+        if size != int(rec["size"]):
+            raise SaveError(
+                f"part {name} of {run}@{tag} has {size} bytes, its rank wrote {rec['size']}"
+            )
+    final = checkpoint_dir(root, run, tag)
+    if os.path.exists(os.path.join(final, "MANIFEST.json")):
+        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
+    partial = final + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.makedirs(partial)
+    records = {name: dict(rec) for name, rec in parts.items()}
+    for name in parts:
+        os.rename(os.path.join(src, name), os.path.join(partial, name))
+    for name, data in inline.items():
+        crc = write_file(os.path.join(partial, name), b"", memoryview(data), lambda n: None)
+        records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
+    shutil.rmtree(src, ignore_errors=True)
+    return partial, records
 
 
 def commit(partial: str, manifest: dict[str, Any]) -> str:

@@ -39,10 +39,14 @@ class Job:
     committed_at: float | None = None
     uploaded_at: float | None = None
     upload_started: float | None = None
+    part: str | None = None
+    """For one rank's part of a sharded (DCP) checkpoint: its file name. Parts have no manifest
+    of their own; a ``commit`` request lists them once every rank's part is in place."""
+    files: dict[str, Any] = field(default_factory=dict)  # name -> {size, crc32c}, once written
 
     @property
     def key(self) -> str:
-        return f"{self.run}@{self.tag}"
+        return f"{self.run}@{self.tag}" + (f"#{self.part}" if self.part else "")
 
     @property
     def pending(self) -> bool:
@@ -57,6 +61,7 @@ class Job:
         return {
             "run": self.run,
             "tag": self.tag,
+            "part": self.part,
             "step": self.step,
             "state": str(self.state),
             "store": self.store,

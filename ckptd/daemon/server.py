@@ -25,10 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
+
 from .. import __version__, retention
 from ..errors import (
     CkptdError,
     ConfigError,
+    NotFoundError,
     PermanentStorageError,
     ProtocolError,
     StorageError,
@@ -38,13 +41,17 @@ from ..names import check_name
 from ..protocol import MAX_FRAME, FrameReader, encode
 from ..protocol import field as msg_field
 from ..retention import Retention
-from ..storage import Store, is_local, local_path, open_store
+from ..storage import Store, is_local, join_key, local_path, open_store
 from . import sdnotify
 from .commit import (
     StagedFile,
+    assemble_parts,
     checkpoint_dir,
     commit,
+    crc_hex,
+    parts_dir,
     update_latest,
+    write_part_safely,
     write_staged_safely,
 )
 from .jobs import FINAL, Job, JobState
@@ -52,6 +59,7 @@ from .mirror import Mirrors
 from .preempt import PreemptionConfig, watch_preemption
 from .upload import (
     clear_record,
+    journal_dir,
     pending_records,
     update_remote_latest,
     upload_checkpoint,
@@ -61,6 +69,7 @@ from .upload import (
 log = logging.getLogger("ckptd.daemon")
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,200}\.(safetensors|msgpack)$")
+_META_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,200}\.json$")
 _MAX_SLOTS = 64
 _MAX_SLOT_SIZE = 1 << 42
 _KEEP_FINISHED = 200
@@ -296,6 +305,12 @@ class Daemon:
                     removed += 1
                 else:
                     committed += 1
+        parts = os.path.join(root, ".ckptd", "parts")
+        if os.path.isdir(parts):
+            # Parts of sharded saves that were in flight: their ranks saw the daemon go and their
+            # saves failed, so no commit will ever list them.
+            log.warning("removing parts of unfinished sharded saves in %s", parts)
+            shutil.rmtree(parts, ignore_errors=True)
         owed = 0
         for run, tag, store in pending_records(root):
             manifest = os.path.join(checkpoint_dir(root, run, tag), "MANIFEST.json")
@@ -439,6 +454,8 @@ class Daemon:
             self._spawn(self._reply_drain(conn, msg.get("rid"), timeout))
         elif op == "mirror":
             self._spawn(self._reply_mirror(conn, msg))
+        elif op == "commit":
+            self._spawn(self._reply_commit(conn, msg))
         elif op == "bye":
             raise ConnectionResetError("client said bye")
         else:
@@ -460,7 +477,7 @@ class Daemon:
             "store": self.cfg.store,
             "pid": os.getpid(),
             "preempted": self.preempted,
-            "features": ["mirror"],
+            "features": ["mirror", "parts"],
         }
 
     def _on_slot(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
@@ -515,6 +532,20 @@ class Daemon:
                 )
             )
             return
+        if msg_field(msg, "part", bool, optional=True):
+            if len(files) != 1 or inline or slot_fd is None:
+                if slot_fd is not None:
+                    os.close(slot_fd)
+                raise ProtocolError("a part save carries exactly one staged file")
+            job.part = files[0].name
+            if (old := self.jobs.get(job.key)) is not None and old.pending:
+                os.close(slot_fd)
+                self._spawn(self._fail(job, f"{job.key} is already being saved", released=True,
+                                       slot=msg.get("slot")))  # fmt: skip
+                return
+            self._add_job(job)
+            self._spawn(self._write_part(job, files[0], slot_fd, slot_size, msg.get("slot")))
+            return
         self._add_job(job)
         self._spawn(
             self._write(job, files, inline, slot_fd, slot_size, msg.get("slot"), manifest_in)
@@ -550,16 +581,22 @@ class Daemon:
                 size = msg_field(raw, "size", int)
                 if not _FILE_NAME.match(name) or name in names:
                     raise ProtocolError(f"bad or repeated file name {name!r}")
-                if offset < 0 or size < 0 or offset + size > slot_size:
-                    raise ProtocolError(
-                        f"{name}: bytes [{offset}, {offset + size}) lie outside the {slot_size} byte slot"
-                    )
+                raw_segments = msg_field(raw, "segments", list, optional=True)
+                segments = None
+                pieces = [(offset, size)]
+                if raw_segments is not None:
+                    segments = pieces = _segments(name, raw_segments, size)
+                for o, n in pieces:
+                    if o < 0 or n < 0 or o + n > slot_size:
+                        raise ProtocolError(
+                            f"{name}: bytes [{o}, {o + n}) lie outside the {slot_size} byte slot"
+                        )
                 try:
                     decode_header(header, len(header) + size)
                 except CkptdError as e:
                     raise ProtocolError(f"{name}: {e}") from e
                 names.add(name)
-                files.append(StagedFile(name, header, offset, size))
+                files.append(StagedFile(name, header, offset, size, segments))
                 total += len(header) + size
             inline: dict[str, bytes] = {}
             for name, data in raw_inline.items():
@@ -579,6 +616,208 @@ class Daemon:
                 os.close(slot_fd)
             raise ProtocolError("save with no files")
         return files, inline, slot_fd, slot_size, total
+
+    # ---- sharded checkpoints (DCP): parts and the global commit -------------------------------
+
+    async def _write_part(
+        self, job: Job, f: StagedFile, slot_fd: int, slot_size: int, slot: Any
+    ) -> None:
+        """One rank's file: fsync it among this daemon's parts, then upload it if the store is
+        elsewhere. The checkpoint stays invisible until a ``commit`` request lists every part."""
+        conn = self._conns.get(job.client or -1)
+        try:
+            async with self._write_sem:
+                job.state = JobState.WRITING
+                mm = mmap.mmap(slot_fd, slot_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                try:
+                    view = memoryview(mm)
+
+                    def progress(n: int) -> None:
+                        job.bytes_written += n
+                        self._bytes_written_total += n
+
+                    path, record, error = await asyncio.to_thread(
+                        write_part_safely, self.cfg.root, job.run, job.tag, f, view, progress
+                    )
+                    view.release()
+                finally:
+                    mm.close()
+                    os.close(slot_fd)
+                if error is not None:
+                    raise error
+        except (OSError, CkptdError) as e:
+            msg = f"could not write {job.key}: {e}"
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                msg = f"could not write {job.key}: the disk under {self.cfg.root} is full"
+            log.error(msg)
+            await self._fail(job, msg, released=True, slot=slot)
+            return
+        await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
+        job.files = {f.name: record}
+        job.state = JobState.COMMITTED
+        job.committed_at = time.time()
+        log.info("wrote part %s: %.1f MiB", job.key, job.bytes_total / 2**20)
+        await self._send(
+            conn,
+            {
+                "ev": "committed",
+                "id": job.save_id,
+                "tag": job.tag,
+                "path": path,
+                "files": job.files,
+            },
+        )
+        if job.store is not None and not self._store_is_root(job.store):
+            self._enqueue_upload(job)
+        else:
+            await self._finish(job)
+
+    async def _upload_part(self, job: Job, store: Store, retrying: Any, progress: Any) -> None:
+        """A part goes to its final place in the store; the local copy is only staging."""
+        prefix = join_key(job.run, "checkpoints", job.tag)
+        try:
+            await store.get_bytes(join_key(prefix, "MANIFEST.json"), start=0, end=1)
+        except NotFoundError:
+            pass
+        else:
+            raise PermanentStorageError(
+                f"checkpoint {job.run}@{job.tag} already exists in {job.store}; "
+                "tags are never overwritten"
+            )
+        assert job.part is not None
+        rec = job.files[job.part]
+        path = os.path.join(parts_dir(self.cfg.root, job.run, job.tag), job.part)
+        jdir = journal_dir(self.cfg.root, job.run, job.tag)
+        await asyncio.to_thread(os.makedirs, jdir, exist_ok=True)
+        await retrying(
+            lambda: store.put_file(
+                join_key(prefix, job.part or ""),
+                path,
+                size=int(rec["size"]),
+                crc32c=int(rec["crc32c"], 16),
+                journal=os.path.join(jdir, f"{job.part}.json"),
+                progress=progress,
+            ),
+            what=f"upload {job.key}",
+        )
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, path)
+        with contextlib.suppress(OSError):  # empty once every part of this node is up
+            os.rmdir(jdir)
+
+    async def _reply_commit(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """The global commit of a sharded checkpoint, asked by its coordinating rank once every
+        rank's part is committed (local root) or uploaded (store): the metadata, then
+        MANIFEST.json last, then ``latest``. Parts are checked to be in place first."""
+        rid = msg.get("rid")
+        try:
+            run = check_name(msg_field(msg, "run", str), "run")
+            tag = check_name(msg_field(msg, "tag", str), "tag")
+            step = msg_field(msg, "step", int)
+            store_url = msg_field(msg, "store", str, optional=True) or conn.store or self.cfg.store
+            parts = _part_records(msg_field(msg, "parts", dict))
+            inline = msg_field(msg, "inline", dict, optional=True) or {}
+            for name, data in inline.items():
+                if not isinstance(data, bytes) or not _META_NAME.match(str(name)) or name in parts:
+                    raise ProtocolError(f"bad inline file {name!r}")
+            given = msg_field(msg, "manifest", dict, optional=True) or {}
+        except ProtocolError as e:
+            await self._send(conn, {"ev": "error", "rid": rid, "error": str(e)})
+            return
+        job = Job(run=run, tag=tag, step=step, store=store_url, client=conn.id)
+        job.bytes_total = sum(int(r["size"]) for r in parts.values())
+        if self._closing:
+            await self._send(
+                conn, {"ev": "error", "rid": rid, "error": "the daemon is shutting down"}
+            )
+            return
+        if (old := self.jobs.get(job.key)) is not None and old.pending:
+            await self._send(
+                conn, {"ev": "error", "rid": rid, "error": f"{job.key} is already being saved"}
+            )
+            return
+        for name, rec in parts.items():  # what this daemon wrote itself must match the claim
+            mine = self.jobs.get(f"{job.key}#{name}")
+            if mine is not None and mine.files.get(name) not in (None, rec):
+                await self._send(
+                    conn,
+                    {
+                        "ev": "error",
+                        "rid": rid,
+                        "error": f"part {name} does not match what was written",
+                    },
+                )
+                return
+        self._add_job(job)
+        job.state = JobState.WRITING
+        try:
+            if store_url is None or self._store_is_root(store_url):
+                partial, records = await asyncio.to_thread(
+                    assemble_parts, self.cfg.root, run, tag, parts, inline
+                )
+                manifest = self._manifest(job, given, records)
+                path = await asyncio.to_thread(commit, partial, manifest)
+                job.committed_at = time.time()
+                await self._maybe_update_latest(job)
+                await self._finish(job)
+                self._spawn(self._retain(job))
+            else:
+                path = await self._commit_remote(job, self._store(store_url), parts, inline, given)
+        except (OSError, CkptdError) as e:
+            job.state = JobState.FAILED
+            job.error = f"could not commit {job.key}: {e}"
+            log.error(job.error)
+            await self._changed()
+            await self._send(conn, {"ev": "error", "rid": rid, "error": job.error})
+            return
+        log.info("committed sharded checkpoint %s: %d parts, %.1f MiB -> %s",
+                 job.key, len(parts), job.bytes_total / 2**20, path)  # fmt: skip
+        await self._send(conn, {"ev": "committed", "rid": rid, "tag": tag, "path": path})
+
+    async def _commit_remote(
+        self,
+        job: Job,
+        store: Store,
+        parts: dict[str, dict[str, Any]],
+        inline: dict[str, bytes],
+        given: dict[str, Any],
+    ) -> str:
+        from ..storage.retry import with_retries
+
+        def retrying(fn: Any, *, what: str) -> Any:
+            return with_retries(fn, what=what)
+
+        prefix = join_key(job.run, "checkpoints", job.tag)
+        found = {o.key.rsplit("/", 1)[-1]: o.size for o in await store.list(prefix + "/")}
+        if "MANIFEST.json" in found:
+            raise PermanentStorageError(f"checkpoint {job.key} already exists in {store.url}")
+        for name, rec in parts.items():
+            if found.get(name) != int(rec["size"]):
+                raise PermanentStorageError(
+                    f"part {name} of {job.key} is not in {store.url} with {rec['size']} bytes "
+                    f"(found {found.get(name)})"
+                )
+        records = {name: dict(rec) for name, rec in parts.items()}
+        for name, data in inline.items():
+            await retrying(lambda n=name, d=data: store.put_bytes(join_key(prefix, n), d),
+                           what=f"upload {job.key}/{name}")  # fmt: skip
+            records[name] = {"size": len(data), "crc32c": crc_hex(crc32c.crc32c(data))}
+        job.state = JobState.UPLOADING
+        manifest = self._manifest(job, given, records)
+        body = json.dumps(manifest, indent=1).encode()
+        await retrying(
+            lambda: store.put_bytes(join_key(prefix, "MANIFEST.json"), body, if_absent=True),
+            what=f"upload {job.key}/MANIFEST.json",
+        )
+        job.committed_at = time.time()
+        key = f"{job.store}\0{job.run}"
+        async with self._remote_latest_lock:
+            if job.step >= self._remote_latest.get(key, -1):
+                await update_remote_latest(store, job.run, job.tag, retrying)
+                self._remote_latest[key] = job.step
+        await self._finish(job)
+        self._spawn(self._retain(job))
+        return join_key(store.url, prefix)
 
     # ---- write stage ---------------------------------------------------------------------------
 
@@ -674,6 +913,8 @@ class Daemon:
             "git_commit",
             "rank",
             "world_size",
+            "kind",
+            "dcp",
             "meta",
             "torch_version",
             "host",
@@ -768,6 +1009,12 @@ class Daemon:
             try:
                 store = self._store(job.store)
                 job.bytes_uploaded = 0
+                if job.part is not None:
+                    await self._upload_part(job, store, retrying, progress)
+                    job.error = None
+                    job.uploaded_at = time.time()
+                    await self._finish(job)
+                    continue
                 await upload_checkpoint(
                     store,
                     self.cfg.root,
@@ -843,6 +1090,8 @@ class Daemon:
             if j.committed_at is not None and j.state != JobState.FAILED:
                 newest[j.run] = max(newest.get(j.run, -1), j.step)
         for j in list(self.jobs.values()):
+            if j.part is not None:  # a sharded save's commit waits for it: never drop one
+                continue
             if j.state == JobState.COMMITTED and j.store and j.step < newest.get(j.run, -1):
                 if j in self._upload_queue:
                     self._upload_queue.remove(j)
@@ -950,3 +1199,34 @@ class Daemon:
             "mirrors": self.mirrors.pending(),
             "jobs": [j.as_dict() for j in jobs[-50:]],
         }
+
+
+def _segments(name: str, raw: list[Any], size: int) -> list[tuple[int, int]]:
+    out = []
+    for seg in raw:
+        if (
+            not isinstance(seg, list | tuple)
+            or len(seg) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in seg)
+        ):
+            raise ProtocolError(f"{name}: segments must be [offset, size] pairs")
+        out.append((int(seg[0]), int(seg[1])))
+    if sum(n for _, n in out) != size:
+        raise ProtocolError(f"{name}: segments do not add up to {size} bytes")
+    return out
+
+
+def _part_records(raw: dict[Any, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, rec in raw.items():
+        if not isinstance(name, str) or not _FILE_NAME.match(name) or not isinstance(rec, dict):
+            raise ProtocolError(f"bad part {name!r}")
+        size, crc = rec.get("size"), rec.get("crc32c")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(f"part {name}: size must be a non-negative int")
+        if not isinstance(crc, str) or not re.fullmatch(r"[0-9a-f]{8}", crc):
+            raise ProtocolError(f"part {name}: crc32c must be 8 hex digits")
+        out[name] = {"size": size, "crc32c": crc}
+    if not out:
+        raise ProtocolError("a commit lists no parts")
+    return out

@@ -1,0 +1,727 @@
+"""``torch.distributed.checkpoint`` (DCP) with ckptd as its storage: sharded state, many ranks.
+
+DCP keeps its planning, deduplication of replicated state and resharding; ckptd supplies the
+storage path. Each rank's part goes through its node's daemon the way ``Checkpointer.save`` does
+(copied into a shared-memory slot, written and uploaded by the daemon), and the checkpoint is
+committed once, by the coordinating rank, after every part is confirmed::
+
+    writer = ckptd.dcp.Writer(run="llm", store="s3://bucket/ckpts")
+    dcp.async_save(state, checkpoint_id="step-100", storage_writer=writer)   # or dcp.save
+    dcp.load(state, checkpoint_id="step-100", storage_reader=ckptd.dcp.Reader(run="llm",
+             store="s3://bucket/ckpts"))
+
+Layout of a sharded checkpoint, ``<store>/<run>/checkpoints/<tag>/``:
+  ``shard-<rank>-of-<world>.safetensors``  what that rank wrote: tensor chunks under
+      ``<fqn>`` (a whole tensor) or ``<fqn>@<offsets>`` (a shard); DCP's non-tensor values
+      (``torch.save`` bytes) base64 in ``__metadata__["ckptd.dcp.bytes"]``.
+  ``dcp-metadata.json``  DCP's global ``Metadata`` as JSON (DCP's own is a pickle).
+  ``MANIFEST.json``      written last, with ``"kind": "dcp"``: the global commit.
+
+Commit rule: a rank's ``write_data`` returns only after its daemon reports the part committed
+(the store is the daemon's root) or uploaded (any other store). DCP gathers every rank's results to
+the coordinator, which asks its daemon to check that every part is in place and to write the
+metadata and the manifest. A rank that fails or dies makes DCP's gather fail, so ``finish`` never
+runs and the checkpoint stays invisible. Ranks on several nodes need a store that every daemon
+can reach (S3, GCS, a shared path): a part cannot be committed into another node's root.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from .catalog import _candidates, _read_manifest, run_sync
+from .client import Checkpointer
+from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, SerializationError
+from .fmt import DTYPES, TORCH_DTYPES
+from .header import FORMAT, decode_header, encode_header
+from .names import check_name
+from .storage import is_local, join_key, local_path, open_store
+
+__all__ = ["METADATA", "Reader", "Writer", "shard_name"]
+
+log = logging.getLogger("ckptd.dcp")
+
+METADATA = "dcp-metadata.json"
+_BYTES_KEY = "ckptd.dcp.bytes"
+_TRAILING_INT = re.compile(r"(\d+)$")
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Loc:
+    """Where one write item lives: a shard file and the key in it. DCP keeps these per item in
+    ``Metadata.storage_data``; ``size``/``crc32c`` describe the whole file, for the commit."""
+
+    file: str
+    key: str
+    size: int = 0
+    crc32c: str = ""
+
+
+def _item_key(fqn: str, offsets: Any, sizes: Any, full: Any) -> str:
+    if all(o == 0 for o in offsets) and list(sizes) == list(full):
+        return fqn
+    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ---- staging: a training-safe copy of the state dict in a shared-memory slot -------------------
+
+
+def _leaves(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a (nested) state dict, in a fixed order; DTensors by their local shard."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        yield obj.to_local()
+    elif isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _leaves(v)
+
+
+def _rebuild(obj: Any, staged: Iterator[torch.Tensor]) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        local = next(staged)
+        return DTensor.from_local(
+            local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
+            stride=obj.stride(),
+        )  # fmt: skip
+    if isinstance(obj, torch.Tensor):
+        return next(staged)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, staged) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        out = [_rebuild(v, staged) for v in obj]
+        return out if isinstance(obj, list) else type(obj)(out)  # type: ignore[call-arg]
+    return copy.deepcopy(obj)  # plain values: later changes by the loop must not leak in
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if t.is_sparse or t.layout != torch.strided:
+        raise SerializationError(f"{name} has layout {t.layout}; ckptd saves dense tensors")
+    if t.dtype not in DTYPES:
+        raise SerializationError(f"{name} has unsupported dtype {t.dtype}")
+    if t.is_meta:
+        raise SerializationError(f"{name} is a meta tensor (no data to save)")
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Offsets in a slot, largest elements first, packed without holes: any subset taken in this
+    order is again naturally aligned and hole-free, which is what a shard file needs."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    offsets = [0] * len(tensors)
+    cursor = 0
+    for i in order:
+        offsets[i] = cursor
+        cursor += tensors[i].numel() * tensors[i].element_size()
+    return offsets, cursor
+
+
+def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """CPU sources at once; CUDA ones device-to-host into the pinned slot, then synchronize."""
+    cuda = [(d, s) for d, s in zip(dst, src, strict=True) if s.is_cuda]
+    cpu = [(d, s if s.is_cpu else s.cpu()) for d, s in zip(dst, src, strict=True) if not s.is_cuda]
+    with torch.no_grad():
+        if cpu:
+            try:
+                torch._foreach_copy_([d for d, _ in cpu], [s for _, s in cpu])
+            except (RuntimeError, TypeError):
+                for d, s in cpu:
+                    d.copy_(s)
+        for d, s in cuda:
+            d.copy_(s, non_blocking=True)
+        if cuda:
+            torch.cuda.current_stream(cuda[0][1].device).synchronize()
+
+
+# ---- the writer ------------------------------------------------------------------------------
+
+
+class Writer(StorageWriter, AsyncStager):
+    """A DCP ``StorageWriter`` (and ``AsyncStager``) that saves through the node's ckptd daemon.
+
+    Args:
+        run: run name; the checkpoint goes to ``<store>/<run>/checkpoints/<checkpoint_id>/``.
+        store: store URL (``s3://``, ``gs://``, a path); default: the daemon's. Ranks on several
+            nodes need one that every node's daemon reaches.
+        socket: this node's daemon socket; default ``$CKPTD_SOCKET`` or the per-user default.
+        step: the training step recorded in the manifest (orders ``latest``); default: the
+            trailing number of the checkpoint id (``step-100`` -> 100), else 0.
+        timeout: seconds a rank waits for its daemon to commit/upload its part.
+        slots: staging slots per rank; with 2, the next ``async_save`` can stage while the last
+            one is still being written.
+
+    With ``dcp.async_save`` the loop blocks only for ``stage()``: the copy of this rank's tensors
+    into shared memory. Writing, uploading and the commit run in DCP's background thread.
+    """
+
+    _synchronize_after_execute = False  # stage() returns a finished copy
+
+    def __init__(
+        self,
+        run: str,
+        store: str | None = None,
+        socket: str | None = None,
+        *,
+        step: int | None = None,
+        timeout: float = 3600.0,
+        slots: int = 2,
+    ) -> None:
+        super().__init__()
+        self.run = check_name(run, "run")
+        self.store = store
+        self.socket = socket
+        self.step = step
+        self.timeout = timeout
+        self.tag: str | None = None
+        self.is_coordinator = False
+        self.rank, self.world = _rank_world()
+        self._slots = slots
+        self._client: Checkpointer | None = None
+        self._layouts: dict[tuple[Any, ...], tuple[list[int], int]] = {}
+        self._staged: Any = None  # (slot, base pointer, size) of the last stage()
+        self._plans_world = 1
+
+    @property
+    def client(self) -> Checkpointer:
+        if self._client is None:
+            self._client = Checkpointer(self.run, store=self.store, socket=self.socket,
+                                        slots=self._slots)  # fmt: skip
+        return self._client
+
+    # StorageWriter ----------------------------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.tag = check_name(os.fspath(checkpoint_id), "checkpoint_id")
+        elif self.tag is None:
+            raise ConfigError("pass checkpoint_id= to dcp.save/async_save: it is the ckptd tag")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            check_name(os.fspath(checkpoint_id), "checkpoint_id")
+        except ConfigError:
+            return False
+        return True
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.tag)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        if isinstance(kwargs.get("rank"), int):
+            self.rank = kwargs["rank"]
+        else:
+            self.rank, self.world = _rank_world()
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        world = len(plans)
+        return [dataclasses.replace(p, storage_data=(i, world)) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        fut: Future[list[WriteResult]] = Future()
+        try:
+            fut.set_result(self._write(plan, planner))
+        except BaseException:
+            self._release_staged()
+            raise
+        return fut
+
+    def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        if self.tag is None:
+            raise ConfigError("no checkpoint_id: pass one to dcp.save/async_save")
+        rank, world = plan.storage_data if plan.storage_data else (self.rank, self.world)
+        name = shard_name(rank, world)
+        tensors: list[tuple[str, torch.Tensor, Any]] = []
+        blobs: dict[str, str] = {}
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                assert isinstance(data, io.BytesIO)
+                blobs[item.index.fqn] = base64.b64encode(data.getvalue()).decode()
+                continue
+            assert isinstance(data, torch.Tensor) and item.tensor_data is not None
+            chunk = item.tensor_data.chunk
+            key = _item_key(item.index.fqn, chunk.offsets, chunk.sizes, item.tensor_data.size)
+            t = data.detach()
+            _check_tensor(key, t)
+            tensors.append((key, t, item))
+        if not plan.items:
+            self._release_staged()
+            return []
+        # Largest elements first: aligned and hole-free (see _layout), in the order DCP gave.
+        tensors.sort(key=lambda e: -e[1].element_size())
+        header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "ckptd.kind": "dcp-shard"}}
+        if blobs:
+            header["__metadata__"][_BYTES_KEY] = json.dumps(blobs, separators=(",", ":"))
+        offset = 0
+        for key, t, _ in tensors:
+            n = t.numel() * t.element_size()
+            header[key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                           "data_offsets": [offset, offset + n]}  # fmt: skip
+            offset += n
+        slot, segments = self._place(tensors, offset)
+        handle = self.client._save_part(
+            self.tag, self._step(), slot, name, encode_header(header), segments
+        )
+        until = "uploaded"  # the daemon says "uploaded" at once when its root is the store
+        handle.wait(until, timeout=self.timeout)
+        rec = handle.files.get(name)
+        if not isinstance(rec, dict):
+            raise SaveError(f"the daemon did not report the size and checksum of {name}")
+        results = []
+        for key, t, item in tensors:
+            loc = _Loc(name, key, int(rec["size"]), str(rec["crc32c"]))
+            results.append(WriteResult(item.index, t.numel() * t.element_size(), loc))
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                loc = _Loc(name, item.index.fqn, int(rec["size"]), str(rec["crc32c"]))
+                results.append(WriteResult(item.index, len(blobs[item.index.fqn]), loc))
+        return results
+
+    def _place(self, tensors: list[tuple[str, torch.Tensor, Any]], size: int) -> tuple[Any, Any]:
+        """The part's bytes in a slot: gathered in place from what ``stage()`` copied when every
+        tensor lies there (async_save), else copied now into a fresh slot (plain dcp.save)."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            slot, base, limit = staged
+            segments: list[list[int]] = []
+            for _, t, _ in tensors:
+                n = t.numel() * t.element_size()
+                ptr = t.data_ptr() if n else base
+                if not (t.is_contiguous() and t.is_cpu and base <= ptr and ptr + n <= base + limit):
+                    segments = []
+                    break
+                if segments and segments[-1][0] + segments[-1][1] == ptr - base:
+                    segments[-1][1] += n
+                elif n:
+                    segments.append([ptr - base, n])
+            else:
+                return slot, [tuple(s) for s in segments]
+            self.client._arena.release(slot.index)
+        client = self.client
+        slot = client._arena.acquire(block=True)
+        assert slot is not None
+        try:
+            pin = torch.cuda.is_available() and any(t.is_cuda for _, t, _ in tensors)
+            slot.ensure(max(size, 1), pin)
+            assert slot.buf is not None
+            dst, src, cursor = [], [], 0
+            for _, t, _ in tensors:
+                n = t.numel() * t.element_size()
+                if n:
+                    dst.append(slot.buf[cursor : cursor + n].view(t.dtype).view(t.shape))
+                    src.append(t)
+                cursor += n
+            _copy_into(dst, src)
+        except BaseException:
+            client._arena.release(slot.index)
+            raise
+        return slot, [(0, size)] if size else []
+
+    def _step(self) -> int:
+        if self.step is not None:
+            return self.step
+        m = _TRAILING_INT.search(self.tag or "")
+        return int(m.group(1)) if m else 0
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator only: the global commit, once every rank's part is confirmed."""
+        assert self.tag is not None
+        parts: dict[str, dict[str, Any]] = {}
+        storage: dict[MetadataIndex, _Loc] = {}
+        for rank_results in results:
+            for r in rank_results:
+                loc = r.storage_data
+                storage[r.index] = loc
+                parts[loc.file] = {"size": loc.size, "crc32c": loc.crc32c}
+        metadata.storage_data = storage
+        body = json.dumps(encode_metadata(metadata), separators=(",", ":")).encode()
+        step = self._step()
+        reply = self.client._ensure_connected().request(
+            {
+                "op": "commit",
+                "run": self.run,
+                "tag": self.tag,
+                "step": step,
+                "store": self.store,
+                "parts": parts,
+                "inline": {METADATA: body},
+                "manifest": {
+                    "kind": "dcp",
+                    "world_size": len(results),
+                    "training_iteration": {"update": step},
+                    "torch_version": torch.__version__,
+                    **({"git_commit": self.client.git_commit} if self.client.git_commit else {}),
+                },
+            },
+            timeout=self.timeout,
+        )
+        if reply.get("ev") != "committed":
+            raise SaveError(
+                reply.get("error") or f"commit of {self.run}@{self.tag} failed: {reply}"
+            )
+        log.info("committed sharded checkpoint %s@%s (%d parts)", self.run, self.tag, len(parts))
+
+    # AsyncStager ------------------------------------------------------------------------------
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The loop's only blocking work in ``dcp.async_save``: copy this rank's tensors (local
+        shards of DTensors) into a shared-memory slot the daemon will write from."""
+        self._release_staged()
+        tensors = list(_leaves(state_dict))
+        for i, t in enumerate(tensors):
+            _check_tensor(f"tensor #{i} of the state dict", t)
+        sig = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        cached = self._layouts.get(sig)
+        if cached is None:
+            if len(self._layouts) > 8:
+                self._layouts.clear()
+            cached = self._layouts[sig] = _layout(tensors)
+        offsets, size = cached
+        client = self.client
+        slot = client._arena.acquire(block=True)
+        assert slot is not None
+        try:
+            pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
+            if not slot.fits(max(size, 1)):
+                slot.ensure(max(size, 1), pin)
+            assert slot.buf is not None
+            key = ("dcp", sig)
+            views = slot.views.get(key)
+            if views is None:
+                views = slot.views[key] = (
+                    [],
+                    [
+                        slot.buf[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                        for o, t in zip(offsets, tensors, strict=True)
+                    ],
+                )
+            dst = views[1]
+            _copy_into(
+                [d for d, t in zip(dst, tensors, strict=True) if t.numel()],
+                [t for t in tensors if t.numel()],
+            )
+            staged = _rebuild(state_dict, iter(dst))
+        except BaseException:
+            client._arena.release(slot.index)
+            raise
+        self._staged = (slot, slot.buf.data_ptr(), slot.size)
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage()`` returns after the copy has landed."""
+
+    def _release_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            self.client._arena.release(staged[0].index)
+
+    def close(self) -> None:
+        """Release the staging memory and the daemon connection (after the last save)."""
+        self._release_staged()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+# ---- metadata as JSON ------------------------------------------------------------------------
+
+
+def encode_metadata(md: Metadata) -> dict[str, Any]:
+    """DCP's ``Metadata`` as plain JSON: readable anywhere, and nothing to unpickle."""
+    sd: dict[str, Any] = {}
+    for fqn, m in md.state_dict_metadata.items():
+        if isinstance(m, BytesStorageMetadata):
+            sd[fqn] = {"type": "bytes"}
+            continue
+        p = m.properties
+        if p.layout != torch.strided:
+            raise SerializationError(f"{fqn}: layout {p.layout} is not supported")
+        sd[fqn] = {
+            "type": "tensor",
+            "dtype": DTYPES[p.dtype],
+            "requires_grad": bool(p.requires_grad),
+            "size": list(m.size),
+            "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks],
+        }
+    storage = [
+        [idx.fqn, None if idx.offset is None else list(idx.offset), idx.index, loc.file, loc.key]
+        for idx, loc in (md.storage_data or {}).items()
+    ]
+    planner_data = None
+    if isinstance(md.planner_data, dict):
+        try:
+            planner_data = {k: list(v) for k, v in md.planner_data.items()}
+            json.dumps(planner_data)
+        except (TypeError, ValueError):
+            planner_data = None
+    return {
+        "format": "ckptd-dcp/1",
+        "version": md.version,
+        "state_dict_metadata": sd,
+        "storage_data": storage,
+        "planner_data": planner_data,
+    }
+
+
+def decode_metadata(doc: dict[str, Any]) -> Metadata:
+    try:
+        sd: dict[str, Any] = {}
+        for fqn, m in doc["state_dict_metadata"].items():
+            if m["type"] == "bytes":
+                sd[fqn] = BytesStorageMetadata()
+                continue
+            props = TensorProperties(
+                dtype=TORCH_DTYPES[m["dtype"]], requires_grad=m["requires_grad"]
+            )
+            chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in m["chunks"]]
+            sd[fqn] = TensorStorageMetadata(props, torch.Size(m["size"]), chunks)
+        storage = {
+            MetadataIndex(fqn, offset, index): _Loc(file, key)
+            for fqn, offset, index, file, key in doc["storage_data"]
+        }
+        planner_data = doc.get("planner_data")
+        if isinstance(planner_data, dict):
+            planner_data = {k: tuple(v) for k, v in planner_data.items()}
+        return Metadata(sd, planner_data, storage, version=doc.get("version"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{METADATA} is malformed: {e!r}") from e
+
+
+# ---- the reader ------------------------------------------------------------------------------
+
+
+class Reader(StorageReader):
+    """A DCP ``StorageReader`` for checkpoints saved through ``Writer``, resharding included.
+
+    Args:
+        run: the run saved into; with ``store``, reads ``<store>/<run>``.
+        store: store URL; default: ask this node's daemon for its store, else its root.
+        socket: the daemon socket used to find the default store.
+        url: instead of run/store, the run's URL directly (``s3://b/p/run``, a path).
+        allow_pickle: DCP stores non-tensor values with ``torch.save``; by default they are
+            loaded only if ``torch.load(weights_only=True)`` accepts them (plain numbers,
+            strings, containers, tensors). True trusts the checkpoint fully.
+
+    ``checkpoint_id`` in ``dcp.load`` is the tag; None or ``"latest"`` takes the newest
+    sharded checkpoint of the run. Every file read is checked against the manifest's CRC32C.
+    """
+
+    def __init__(
+        self,
+        run: str | None = None,
+        store: str | None = None,
+        socket: str | None = None,
+        *,
+        url: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        super().__init__()
+        if url is None:
+            if run is None:
+                raise ConfigError("Reader needs run= (with store= or a daemon) or url=")
+            check_name(run, "run")
+            base = store or _daemon_store(socket)
+            url = join_key(base, run) if "://" in base else os.path.join(base, run)
+        self.url = url.rstrip("/")
+        self.tag = "latest"
+        self.allow_pickle = allow_pickle
+        self.manifest: dict[str, Any] = {}
+        self._storage: dict[MetadataIndex, _Loc] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.tag = "latest" if checkpoint_id is None else os.fspath(checkpoint_id)
+        if self.tag != "latest":
+            check_name(self.tag, "checkpoint_id")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return Writer.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        async def go() -> tuple[dict[str, Any], bytes]:
+            async with open_store(self.url) as store:
+                if self.tag == "latest":
+                    found = [
+                        m for m in await _candidates(store, "latest") if m.get("kind") == "dcp"
+                    ]
+                    if not found:
+                        raise NotFoundError(f"no committed sharded checkpoint in {self.url}")
+                    manifest = found[0]
+                else:
+                    manifest = await _read_manifest(store, self.tag)
+                tag = manifest["tag"]
+                raw = await store.get_bytes(join_key("checkpoints", tag, METADATA))
+                return manifest, raw
+
+        manifest, raw = run_sync(go())
+        if manifest.get("kind") != "dcp":
+            raise ConfigError(
+                f"{self.url}@{manifest.get('tag')} was saved by Checkpointer, not DCP: load it with "
+                "ckptd.load or Checkpointer.restore"
+            )
+        _check(METADATA, raw, manifest)
+        self.manifest = manifest
+        self.tag = manifest["tag"]
+        try:
+            md = decode_metadata(json.loads(raw))
+        except ValueError as e:
+            raise IntegrityError(f"{METADATA} is not JSON: {e}") from e
+        self._storage = md.storage_data
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:  # fmt: skip
+        self._storage = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        needed = sorted({self._storage[item.storage_index].file for item in plan.items})
+        files = self._fetch(needed)
+        for item in plan.items:
+            loc = self._storage[item.storage_index]
+            header, start, buf = files[loc.file]
+            if item.type == LoadItemType.BYTE_IO:
+                blobs = json.loads(header.get("__metadata__", {}).get(_BYTES_KEY, "{}"))
+                data = base64.b64decode(blobs[loc.key])
+                self._check_safe(loc.key, data)
+                planner.load_bytes(item, io.BytesIO(data))
+                continue
+            entry = header.get(loc.key)
+            if entry is None:
+                raise IntegrityError(f"{loc.file} has no tensor {loc.key!r}")
+            b, e = entry["data_offsets"]
+            stored = buf[start + b : start + e].view(TORCH_DTYPES[entry["dtype"]])
+            stored = stored.view(entry["shape"])
+            src = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != src.size():
+                raise IntegrityError(
+                    f"{loc.key}: stored chunk {tuple(src.size())} does not fit {tuple(target.size())}"
+                )
+            target.copy_(src)
+            planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _check_safe(self, key: str, data: bytes) -> None:
+        if self.allow_pickle:
+            return
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:  # the weights-only unpickler's refusals have no common type
+            why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
+            raise SerializationError(
+                f"{key} holds an object that needs full unpickling ({why or type(e).__name__}); "
+                "pass Reader(allow_pickle=True) if you trust this checkpoint"
+            ) from e
+
+    def _fetch(self, names: list[str]) -> dict[str, tuple[dict[str, Any], int, torch.Tensor]]:
+        """Each needed shard, whole and verified against the manifest."""
+        tag = self.tag
+
+        async def go() -> dict[str, bytes]:
+            async with open_store(self.url) as store:
+                out = {}
+                for name in names:
+                    out[name] = await store.get_bytes(join_key("checkpoints", tag, name))
+                return out
+
+        if is_local(self.url):
+            raw: dict[str, bytes] = {}
+            for name in names:
+                with open(os.path.join(local_path(self.url), "checkpoints", tag, name), "rb") as f:
+                    raw[name] = f.read()
+        else:
+            raw = run_sync(go())
+        out = {}
+        for name, data in raw.items():
+            _check(name, data, self.manifest)
+            header, start = decode_header(data, len(data))
+            out[name] = (header, start, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return out
+
+
+def _check(name: str, data: bytes, manifest: dict[str, Any]) -> None:
+    import crc32c
+
+    rec = manifest.get("files", {}).get(name)
+    if rec is None:
+        raise IntegrityError(f"{name} is not listed in the manifest of {manifest.get('tag')}")
+    if len(data) != int(rec["size"]) or f"{crc32c.crc32c(data):08x}" != rec["crc32c"]:
+        raise IntegrityError(f"{name} does not match its manifest (size or CRC32C)")
+
+
+def _daemon_store(socket: str | None) -> str:
+    """The default place to read from: the daemon's store, else its root."""
+    from .connection import Connection
+    from .defaults import default_socket
+    from .protocol import VERSION
+
+    conn = Connection(socket or default_socket(), 10.0, lambda msg: None)
+    try:
+        info = conn.request({"op": "hello", "version": VERSION, "pid": os.getpid()})
+    finally:
+        conn.close()
+    base = info.get("store") or info.get("root")
+    if not isinstance(base, str):
+        raise ConfigError("the daemon reported neither a store nor a root")
+    return base

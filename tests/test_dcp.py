@@ -1,0 +1,264 @@
+"""DCP through ckptd: sharded saves over several ranks and daemons, the global commit, resharding.
+
+Multi-process tests run real ranks (gloo on CPU, ``tests/dcp_worker.py``) against real daemons:
+ranks are spread over one or two daemons (two simulated nodes with their own roots and sockets),
+and the store is the daemon's root, a shared local path, or the moto S3 server.
+"""
+
+from __future__ import annotations
+
+import fractions
+import json
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+import ckptd
+import ckptd.dcp
+from ckptd.errors import CkptdError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD_TIMEOUT_S = 150
+
+
+def run_world(world: int, args: dict[str, Any], tmp_path: Any, name: str) -> list[dict[str, Any]]:
+    """Start ``world`` ranks, wait for all, return each rank's verdict (None for a dead rank)."""
+    out = tmp_path / f"out-{name}"
+    out.mkdir()
+    args = {**args, "out": str(out), "rendezvous": str(tmp_path / f"rdzv-{name}")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.dcp_worker", str(r), str(world), json.dumps(args)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / f"rank-{r}.log", "w"),  # noqa: SIM115 - closed with the process
+        )
+        for r in range(world)
+    ]
+    try:
+        for p in procs:
+            p.wait(timeout=WORLD_TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    verdicts = []
+    for r in range(world):
+        path = out / f"rank-{r}.json"
+        verdicts.append(json.loads(path.read_text()) if path.exists() else None)
+    return verdicts
+
+
+def assert_ok(verdicts: list[dict[str, Any] | None], tmp_path: Any) -> None:
+    for r, v in enumerate(verdicts):
+        assert v is not None, f"rank {r} wrote no verdict"
+        assert "error" not in v, f"rank {r}: {v['error']}\n{v.get('trace')}"
+        assert not v.get("bad"), f"rank {r}: tensors differ after load: {v['bad']}"
+
+
+def committed_tags(url: str) -> list[str]:
+    return [m["tag"] for m in ckptd.list_checkpoints(url)]
+
+
+# ---- single process (no process group): fast checks of the format and the edges ---------------
+
+
+def _model_state(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    return {"model": m.state_dict(), "optim": opt.state_dict(), "epoch": seed}
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*process group.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def test_single_process_save_load_and_layout(daemon) -> None:  # type: ignore[no-untyped-def]
+    state = _model_state(1)
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save(state, checkpoint_id="step-5", storage_writer=writer)
+    ck = os.path.join(daemon.root, "solo", "checkpoints", "step-5")
+    assert sorted(os.listdir(ck)) == [
+        "MANIFEST.json", "dcp-metadata.json", "shard-00000-of-00001.safetensors",
+    ]  # fmt: skip
+    with open(os.path.join(ck, "MANIFEST.json")) as f:
+        manifest = json.load(f)
+    assert manifest["kind"] == "dcp" and manifest["step"] == 5 and manifest["world_size"] == 1
+    # The shard is a plain safetensors file, and the metadata plain JSON.
+    from safetensors.torch import load_file
+
+    shard = load_file(os.path.join(ck, "shard-00000-of-00001.safetensors"))
+    assert torch.equal(shard["model.0.weight"], state["model"]["0.weight"])
+    with open(os.path.join(ck, "dcp-metadata.json")) as f:
+        assert "state_dict_metadata" in json.load(f)
+    ckptd.verify(os.path.join(daemon.root, "solo"), "step-5")
+    assert not os.listdir(os.path.join(daemon.root, ".ckptd", "parts", "solo")), "parts left"
+
+    target = _model_state(2)
+    dcp.load(target, checkpoint_id="step-5", storage_reader=ckptd.dcp.Reader(run="solo",
+             socket=daemon.socket))  # fmt: skip
+    for k, v in state["model"].items():
+        assert torch.equal(target["model"][k], v)
+    assert torch.equal(
+        target["optim"]["state"][0]["exp_avg"], state["optim"]["state"][0]["exp_avg"]
+    )
+    assert target["epoch"] == 1
+    writer.close()
+
+
+def test_async_save_gathers_from_the_staged_copy_and_isolates_the_loop(daemon) -> None:  # type: ignore[no-untyped-def]
+    state = _model_state(3)
+    expected = {k: v.clone() for k, v in state["model"].items()}
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    placed: list[Any] = []
+    real = writer._place
+    writer._place = lambda tensors, size: placed.append(real(tensors, size)) or placed[-1]  # type: ignore[method-assign]
+    fut = dcp.async_save(state, checkpoint_id="a-1", storage_writer=writer)
+    for v in state["model"].values():  # the loop mutates its weights right after staging
+        v.add_(1)
+    fut.result()
+    _, segments = placed[0]
+    assert segments and segments[0][0] == 0, "the part should be written from the staged slot"
+    target = _model_state(4)
+    dcp.load(target, checkpoint_id="a-1",
+             storage_reader=ckptd.dcp.Reader(url=os.path.join(daemon.root, "solo")))  # fmt: skip
+    for k, v in expected.items():
+        assert torch.equal(target["model"][k], v), k
+    # A second async save reuses the layout and the slots.
+    dcp.async_save(state, checkpoint_id="a-2", storage_writer=writer).result()
+    assert committed_tags(os.path.join(daemon.root, "solo")) == ["a-1", "a-2"]
+    writer.close()
+
+
+def test_latest_and_refusals(daemon) -> None:  # type: ignore[no-untyped-def]
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save(_model_state(1), checkpoint_id="step-1", storage_writer=writer)
+    dcp.save(_model_state(2), checkpoint_id="step-2", storage_writer=writer)
+    target = _model_state(9)
+    reader = ckptd.dcp.Reader(run="solo", socket=daemon.socket)
+    dcp.load(target, storage_reader=reader)  # no checkpoint_id: the newest sharded one
+    assert reader.tag == "step-2" and target["epoch"] == 2
+    # A committed tag is never overwritten.
+    with pytest.raises(CheckpointException) as raised:
+        dcp.save(_model_state(3), checkpoint_id="step-2", storage_writer=writer)
+    assert "already exists" in str(raised.value.failures[0])
+    assert target["epoch"] == 2
+    # Objects that would need full unpickling are refused unless allowed.
+    state = _model_state(1)
+    state["obj"] = fractions.Fraction(1, 3)  # torch.load(weights_only=True) refuses it
+    dcp.save(state, checkpoint_id="step-3", storage_writer=writer)
+    target = {**_model_state(5), "obj": None}
+    with pytest.raises(CheckpointException) as raised:
+        dcp.load(target, checkpoint_id="step-3", storage_reader=ckptd.dcp.Reader(run="solo",
+                 socket=daemon.socket))  # fmt: skip
+    assert "allow_pickle" in str(raised.value.failures[0])
+    dcp.load(target, checkpoint_id="step-3", storage_reader=ckptd.dcp.Reader(
+        run="solo", socket=daemon.socket, allow_pickle=True))  # fmt: skip
+    assert target["obj"] == fractions.Fraction(1, 3)
+    # A Checkpointer checkpoint is not a DCP one, and ckptd.load says what a DCP one is.
+    with pytest.raises(CkptdError, match="dcp"):
+        ckptd.load(os.path.join(daemon.root, "solo"), "step-1")
+    writer.close()
+
+
+def test_corrupt_shard_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save(_model_state(1), checkpoint_id="step-1", storage_writer=writer)
+    writer.close()
+    shard = os.path.join(daemon.root, "solo", "checkpoints", "step-1",
+                         "shard-00000-of-00001.safetensors")  # fmt: skip
+    with open(shard, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\xff\xff\xff")
+    with pytest.raises(CheckpointException) as raised:
+        dcp.load(_model_state(2), checkpoint_id="step-1",
+                 storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
+    assert "does not match its manifest" in str(raised.value.failures[0])
+
+
+# ---- many ranks, one or two daemons ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_world4_over_two_daemons_to_a_shared_store_reshards_to_world2(
+    make_daemon, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    store = str(tmp_path / "shared-store")
+    a = make_daemon(store=store, name="a")
+    b = make_daemon(store=store, name="b")
+    base = {"run": "big", "store": store, "sockets": [a.socket, b.socket], "seed": 7}
+    assert_ok(run_world(4, {**base, "action": "save", "tag": "step-7", "mode": "async"},
+                        tmp_path, "save"), tmp_path)  # fmt: skip
+    ck = os.path.join(store, "big", "checkpoints", "step-7")
+    names = set(os.listdir(ck))
+    assert {"MANIFEST.json", "dcp-metadata.json"} <= names
+    assert sum(n.startswith("shard-") for n in names) >= 2  # parts from both daemons' ranks
+    ckptd.verify(os.path.join(store, "big"), "step-7")
+    # Load with world 2 (resharding), from the store, through a daemon-less reader URL too.
+    assert_ok(run_world(2, {**base, "action": "load", "tag": "step-7"}, tmp_path, "load"), tmp_path)
+    for d in (a, b):  # nothing is left behind in either daemon's staging area
+        parts = os.path.join(d.root, ".ckptd", "parts")
+        assert not os.path.isdir(parts) or not any(files for _, _, files in os.walk(parts))
+        assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
+    s3_bucket, make_daemon, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    store = f"s3://{s3_bucket}/ckpts"
+    a = make_daemon(store=store, name="a")
+    b = make_daemon(store=store, name="b")
+    base = {"run": "big", "store": store, "sockets": [a.socket, b.socket], "seed": 11}
+    verdicts = run_world(4, {**base, "action": "die", "victim": 3, "tag": "step-11"},
+                         tmp_path, "die")  # fmt: skip
+    assert verdicts[3] is None, "the victim should have died"
+    assert all(v is not None and "error" in v for v in verdicts[:3]), verdicts
+    url = f"{store}/big"
+    assert "step-11" not in committed_tags(url)
+    with pytest.raises(CkptdError):
+        ckptd.verify(url, "step-11")
+    # Save the same tag again with the job restarted (world 2 now), then load it with world 4.
+    assert_ok(run_world(2, {**base, "action": "save", "tag": "step-11", "mode": "sync"},
+                        tmp_path, "resave"), tmp_path)  # fmt: skip
+    assert committed_tags(url) == ["step-11"]
+    assert ckptd.list_checkpoints(url)[0]["world_size"] == 2
+    ckptd.verify(url, "step-11")
+    assert_ok(run_world(4, {**base, "action": "load"}, tmp_path, "load4"), tmp_path)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.mark.slow
+def test_fsdp2_save_and_load_with_another_world_size(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = {"run": "fsdp", "sockets": [daemon.socket], "seed": 3, "tag": "step-3",
+            "expect": str(tmp_path / "expect.pt")}  # fmt: skip
+    assert_ok(run_world(2, {**base, "action": "fsdp-save"}, tmp_path, "save"), tmp_path)
+    assert committed_tags(os.path.join(daemon.root, "fsdp")) == ["step-3"]
+    assert_ok(run_world(1, {**base, "action": "fsdp-load"}, tmp_path, "load"), tmp_path)
+
+
+@pytest.mark.slow
+def test_ranks_on_two_daemons_without_a_store_fail_clearly(make_daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = make_daemon(name="a")
+    b = make_daemon(name="b")
+    base = {"run": "big", "sockets": [a.socket, b.socket], "seed": 5}
+    verdicts = run_world(2, {**base, "action": "save", "tag": "step-5", "mode": "sync"},
+                         tmp_path, "save")  # fmt: skip
+    assert "shared store" in str(verdicts[0]), verdicts[0]
+    for d in (a, b):
+        assert not committed_tags(os.path.join(d.root, "big"))
