@@ -25,8 +25,9 @@ import torch
 
 from .arena import Arena, Slot
 from .connection import Connection as _Connection
+from .ddp import rank_and_world
 from .defaults import default_socket
-from .errors import ConfigError, DaemonUnavailableError, SaveError
+from .errors import CkptdError, ConfigError, DaemonUnavailableError, SaveError
 from .fmt import PlanCache, SavePlan, plan_save
 from .names import check_name, make_tag
 from .protocol import VERSION
@@ -58,10 +59,13 @@ class SaveHandle:
 
     _ORDER = {"staged": 0, "committed": 1, "uploaded": 2}
 
-    def __init__(self, tag: str, step: int, skipped: bool = False) -> None:
+    def __init__(
+        self, tag: str, step: int, skipped: bool = False, saved_by: int | None = None
+    ) -> None:
         self.tag = tag
         self.step = step
         self.skipped = skipped
+        self.saved_by = saved_by  # in a DDP job, the rank that saves when this one does not
         self.path: str | None = None
         self.files: dict[str, Any] = {}  # name -> {size, crc32c}, as the daemon wrote them
         self._state = "staged"
@@ -70,6 +74,8 @@ class SaveHandle:
 
     @property
     def state(self) -> str:
+        if self.saved_by is not None:
+            return "other-rank"
         return "failed" if self._error is not None else ("skipped" if self.skipped else self._state)
 
     def _advance(self, state: str, path: str | None = None) -> None:
@@ -89,7 +95,12 @@ class SaveHandle:
     def done(self) -> bool:
         """True once the save is uploaded (or committed to a root that is the store), failed,
         or skipped."""
-        return self.skipped or self._error is not None or self._state == "uploaded"
+        return (
+            self.skipped
+            or self.saved_by is not None
+            or self._error is not None
+            or self._state == "uploaded"
+        )
 
     def check(self) -> None:
         """Re-raise a background failure, without blocking."""
@@ -100,6 +111,8 @@ class SaveHandle:
         """Block until the save reached ``until`` ("committed" or "uploaded"); raise its failure."""
         if until not in ("committed", "uploaded"):
             raise ConfigError(f"until must be 'committed' or 'uploaded', not {until!r}")
+        if self.saved_by is not None:
+            return self  # another rank saves this step; nothing to wait for here
         if self.skipped:
             raise SaveError(
                 f"save {self.tag} was skipped: every staging slot was busy (backpressure='skip'); "
@@ -130,6 +143,9 @@ class Checkpointer:
         backpressure: ``"block"`` (wait for a free slot) or ``"skip"`` (drop and count the save).
         on_preempt: called once (from a background thread) when the daemon reports a preemption
             notice; ``preempted`` becomes True either way.
+        save_rank: in a data-parallel job (``torch.distributed`` initialized), the one rank that
+            saves; ``save()`` on the others returns at once (no collective, no waiting) and they
+            connect to the daemon only if they restore by themselves.
     """
 
     def __init__(
@@ -142,6 +158,7 @@ class Checkpointer:
         backpressure: str | Backpressure = Backpressure.BLOCK,
         on_preempt: Callable[[], None] | None = None,
         timeout: float = 10.0,
+        save_rank: int = 0,
     ) -> None:
         self.run = check_name(run, "run")
         try:
@@ -173,7 +190,19 @@ class Checkpointer:
         self.git_commit: str | None = None  # set by Experiment from git.json
         self._conn: _Connection | None = None
         self.daemon_info: dict[str, Any] = {}
-        self._connect()
+        self.rank, self.world_size = rank_and_world()
+        if not 0 <= save_rank < self.world_size:
+            raise ConfigError(
+                f"save_rank {save_rank} is not a rank of this world of {self.world_size}"
+            )
+        self.save_rank = save_rank
+        if self.saves:
+            self._connect()
+
+    @property
+    def saves(self) -> bool:
+        """Whether this process saves (every process outside DDP; ``save_rank`` within)."""
+        return self.rank == self.save_rank
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -200,7 +229,8 @@ class Checkpointer:
 
     def _ensure_connected(self) -> _Connection:
         if self._conn is None or not self._conn.alive:
-            log.warning("reconnecting to the ckptd daemon at %s", self.socket_path)
+            if self._conn is not None:
+                log.warning("reconnecting to the ckptd daemon at %s", self.socket_path)
             self._connect()
         assert self._conn is not None
         return self._conn
@@ -290,6 +320,8 @@ class Checkpointer:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative int, not {step!r}")
         tag = check_name(tag, "tag") if tag is not None else make_tag(step, epoch, sample)
+        if not self.saves:
+            return SaveHandle(tag, step, saved_by=self.save_rank)
         all_models = dict(models or {})
         if model is not None:
             all_models.setdefault("model", model)
@@ -521,14 +553,47 @@ class Checkpointer:
         optimizers: dict[str, Any] | None = None,
         strict: bool = True,
         map_location: str | torch.device | None = None,
+        broadcast: bool = True,
     ) -> dict[str, Any] | None:
         """Load the newest complete checkpoint (or ``tag``) into the given objects.
 
         Looks in the daemon's local root first, then in the run's store. Returns the checkpoint's
         meta (manifest fields and ``extra``), or None when the run has no checkpoint yet.
+
+        In a DDP job this is collective: with ``broadcast`` (default) ``save_rank`` reads the
+        checkpoint and sends the model and optimizer state to every rank; without it every rank
+        reads it itself (from its node's daemon root or the store).
         """
+        kwargs: dict[str, Any] = dict(
+            tag=tag, model=model, optimizer=optimizer, models=models, optimizers=optimizers,
+            strict=strict, map_location=map_location,
+        )  # fmt: skip
+        if self.world_size == 1 or not broadcast:
+            return self._restore_here(**kwargs)
+        from .ddp import broadcast_restored
+
+        meta: dict[str, Any] | None = None
+        failure: CkptdError | None = None
+        if self.saves:
+            try:
+                meta = self._restore_here(**kwargs)
+            except CkptdError as e:  # the other ranks must hear of it, not wait forever
+                failure, meta = e, {"__ckptd_error__": f"{type(e).__name__}: {e}"}
+        all_models = dict(models or {})
+        if model is not None:
+            all_models.setdefault("model", model)
+        all_optims = dict(optimizers or {})
+        if optimizer is not None:
+            all_optims.setdefault("model", optimizer)
+        meta = broadcast_restored(self.save_rank, meta, all_models, all_optims)
+        if failure is not None:
+            raise failure
+        return meta
+
+    def _restore_here(self, **kwargs: Any) -> dict[str, Any] | None:
         from .reader import restore_into
 
+        self._ensure_connected()  # where the daemon's root and store are
         urls = [os.path.join(self.daemon_info.get("root") or "", self.run)]
         store = self.store or self.daemon_info.get("store")
         if store:
@@ -537,16 +602,7 @@ class Checkpointer:
             urls.append(
                 join_key(store, self.run) if "://" in store else os.path.join(store, self.run)
             )
-        return restore_into(
-            urls,
-            tag=tag,
-            model=model,
-            optimizer=optimizer,
-            models=models,
-            optimizers=optimizers,
-            strict=strict,
-            map_location=map_location,
-        )
+        return restore_into(urls, **kwargs)
 
     def status(self) -> dict[str, Any]:
         return self._ensure_connected().request({"op": "status"})

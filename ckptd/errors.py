@@ -43,6 +43,10 @@ class SaveError(CkptdError):
     """The daemon failed to commit or upload a checkpoint."""
 
 
+class RestoreError(CkptdError):
+    """In a DDP broadcast restore, the saving rank failed; raised on the other ranks."""
+
+
 class IntegrityError(CkptdError):
     """A stored file does not match what its manifest records."""
 

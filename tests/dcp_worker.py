@@ -95,6 +95,46 @@ def fsdp_full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, t
     return out
 
 
+def ddp(rank: int, args: dict[str, Any], socket: str) -> dict[str, Any]:
+    """DDP: rank 0 alone saves, without the others waiting; restores reach every rank."""
+    import ckptd
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    model, opt = build(args["seed"])
+    ckpt = ckptd.Checkpointer(args["run"], socket=socket)
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    handle = ckpt.save(3, model=model.module, optimizer=opt, extra={"rank": rank})
+    out: dict[str, Any] = {"state": handle.state, "connected": ckpt._conn is not None}
+    handle.wait("committed")
+    dist.barrier()
+    want_m = {k: v.clone() for k, v in model.module.state_dict().items()}
+    want_o = opt.state_dict()["state"][0]["exp_avg"].clone()
+    bad = []
+    for broadcast in (True, False):
+        m2, o2 = build(args["seed"] + 100 + rank)  # every rank differs before the restore
+        m2(torch.randn(4, 8)).sum().backward()
+        o2.step()
+        meta = ckpt.restore(model=m2.module, optimizer=o2, broadcast=broadcast)
+        if meta is None or meta["extra"] != {"rank": 0}:
+            bad.append(f"meta broadcast={broadcast}: {meta and meta.get('extra')}")
+        for k, v in m2.module.state_dict().items():
+            if not torch.equal(v, want_m[k]):
+                bad.append(f"model.{k} broadcast={broadcast}")
+        if not torch.equal(o2.state_dict()["state"][0]["exp_avg"], want_o):
+            bad.append(f"optim broadcast={broadcast}")
+    ckpt.close()
+    out["bad"] = bad
+    return out
+
+
 def main() -> None:
     rank, world = int(sys.argv[1]), int(sys.argv[2])
     args = json.loads(sys.argv[3])
@@ -168,6 +208,8 @@ def main() -> None:
             verdict["bad"] = sorted(
                 k for k in want if k not in full or not torch.equal(full[k], want[k])
             )
+        elif action == "ddp":
+            verdict.update(ddp(rank, args, socket))
         else:
             raise ValueError(action)
     except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException

@@ -262,3 +262,13 @@ def test_ranks_on_two_daemons_without_a_store_fail_clearly(make_daemon, tmp_path
     assert "shared store" in str(verdicts[0]), verdicts[0]
     for d in (a, b):
         assert not committed_tags(os.path.join(d.root, "big"))
+
+
+@pytest.mark.slow
+def test_ddp_saves_once_and_restores_on_every_rank(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = {"run": "ddp", "sockets": [daemon.socket], "seed": 1, "action": "ddp"}
+    verdicts = run_world(2, base, tmp_path, "ddp")
+    assert_ok(verdicts, tmp_path)
+    assert verdicts[1]["state"] == "other-rank" and not verdicts[1]["connected"]
+    assert verdicts[0]["state"] != "other-rank" and verdicts[0]["connected"]
+    assert committed_tags(os.path.join(daemon.root, "ddp")) == ["step-00000003"]
