@@ -108,31 +108,52 @@ def _rank_world() -> tuple[int, int]:
 # ---- staging: a training-safe copy of the state dict in a shared-memory slot -------------------
 
 
-def _leaves(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor of a (nested) state dict, in a fixed order; DTensors by their local shard."""
-    from torch.distributed.tensor import DTensor
+def _local(t: Any) -> torch.Tensor:
+    # ``_local_tensor`` is what DCP's own stager copies into; ``to_local()`` is an autograd
+    # function, ~20x slower per call, and a state has thousands of them.
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return local
+    return t.to_local() if hasattr(t, "to_local") else t
 
-    if isinstance(obj, DTensor):
-        yield obj.to_local()
-    elif isinstance(obj, torch.Tensor):
-        yield obj
+
+def _leaves(obj: Any, out: list[Any]) -> list[Any]:
+    """Every tensor of a (nested) state dict in a fixed order, DTensors as themselves."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _leaves(v)
+            _leaves(v, out)
     elif isinstance(obj, list | tuple):
         for v in obj:
-            yield from _leaves(v)
+            _leaves(v, out)
+    return out
+
+
+def _staged_leaf(src: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """What the staged state dict holds for ``src``: the view, wrapped like ``src`` if a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(src, DTensor):
+        return DTensor.from_local(
+            view, src.device_mesh, src.placements, run_check=False, shape=src.shape,
+            stride=src.stride(),
+        )  # fmt: skip
+    return view
+
+
+def _signature(leaves: list[torch.Tensor]) -> tuple[Any, ...]:
+    from torch.distributed.tensor import DTensor
+
+    return tuple(
+        (t.dtype, tuple(t.shape), id(t.device_mesh), tuple(t.placements), tuple(_local(t).shape))
+        if isinstance(t, DTensor)
+        else (t.dtype, tuple(t.shape))
+        for t in leaves
+    )
 
 
 def _rebuild(obj: Any, staged: Iterator[torch.Tensor]) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, DTensor):
-        local = next(staged)
-        return DTensor.from_local(
-            local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
-            stride=obj.stride(),
-        )  # fmt: skip
     if isinstance(obj, torch.Tensor):
         return next(staged)
     if isinstance(obj, dict):
@@ -420,12 +441,13 @@ class Writer(StorageWriter, AsyncStager):
         """The loop's only blocking work in ``dcp.async_save``: copy this rank's tensors (local
         shards of DTensors) into a shared-memory slot the daemon will write from."""
         self._release_staged()
-        tensors = list(_leaves(state_dict))
-        for i, t in enumerate(tensors):
-            _check_tensor(f"tensor #{i} of the state dict", t)
-        sig = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        leaves = _leaves(state_dict, [])
+        tensors = [_local(t) for t in leaves]
+        sig = _signature(leaves)
         cached = self._layouts.get(sig)
         if cached is None:
+            for i, t in enumerate(tensors):
+                _check_tensor(f"tensor #{i} of the state dict", t)
             if len(self._layouts) > 8:
                 self._layouts.clear()
             cached = self._layouts[sig] = _layout(tensors)
@@ -440,20 +462,18 @@ class Writer(StorageWriter, AsyncStager):
             assert slot.buf is not None
             key = ("dcp", sig)
             views = slot.views.get(key)
-            if views is None:
-                views = slot.views[key] = (
-                    [],
-                    [
-                        slot.buf[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                        for o, t in zip(offsets, tensors, strict=True)
-                    ],
-                )
-            dst = views[1]
-            _copy_into(
-                [d for d, t in zip(dst, tensors, strict=True) if t.numel()],
-                [t for t in tensors if t.numel()],
-            )
-            staged = _rebuild(state_dict, iter(dst))
+            if views is None:  # built once per slot and layout: views, and DTensors around them
+                plain = [
+                    slot.buf[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                    for o, t in zip(offsets, tensors, strict=True)
+                ]
+                wrapped = [_staged_leaf(src, v) for src, v in zip(leaves, plain, strict=True)]
+                nonempty = [i for i, t in enumerate(tensors) if t.numel()]
+                views = slot.views[key] = (nonempty, plain + wrapped)
+            nonempty, both = views
+            n = len(tensors)
+            _copy_into([both[i] for i in nonempty], [tensors[i] for i in nonempty])
+            staged = _rebuild(state_dict, iter(both[n:]))
         except BaseException:
             client._arena.release(slot.index)
             raise
