@@ -231,14 +231,27 @@ def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
     assert all(v is not None and "error" in v for v in verdicts[:3]), verdicts
     url = f"{store}/big"
     assert "step-11" not in committed_tags(url)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+    def objects() -> set[str]:
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpts/big/checkpoints/step-11/")
+        return {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
+
+    assert any(n.endswith("-of-00004.safetensors") for n in objects())  # parts, but no manifest
+    assert "MANIFEST.json" not in objects()
     with pytest.raises(CkptdError):
         ckptd.verify(url, "step-11")
     # Save the same tag again with the job restarted (world 2 now), then load it with world 4.
     assert_ok(run_world(2, {**base, "action": "save", "tag": "step-11", "mode": "sync"},
                         tmp_path, "resave"), tmp_path)  # fmt: skip
     assert committed_tags(url) == ["step-11"]
-    assert ckptd.list_checkpoints(url)[0]["world_size"] == 2
+    manifest = ckptd.list_checkpoints(url)[0]
+    assert manifest["world_size"] == 2
     ckptd.verify(url, "step-11")
+    # The dead attempt's world-4 shards were removed once the resave committed.
+    assert objects() == {*manifest["files"], "MANIFEST.json"}
     assert_ok(run_world(4, {**base, "action": "load"}, tmp_path, "load4"), tmp_path)
     assert a.stop() == 0 and b.stop() == 0
 

@@ -654,6 +654,8 @@ class Daemon:
             return
         await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
         job.files = {f.name: record}
+        if await self._drop_orphan_part(job):
+            return
         job.state = JobState.COMMITTED
         job.committed_at = time.time()
         log.info("wrote part %s: %.1f MiB", job.key, job.bytes_total / 2**20)
@@ -671,6 +673,21 @@ class Daemon:
             self._enqueue_upload(job)
         else:
             await self._finish(job)
+
+    async def _drop_orphan_part(self, job: Job) -> bool:
+        """A part whose rank has gone can never be committed (DCP's gather fails without it):
+        drop it rather than fill the disk and the store with bytes nobody will list."""
+        conn = self._conns.get(job.client or -1)
+        if conn is not None and conn.alive:
+            return False
+        job.state = JobState.DROPPED
+        job.error = "its rank disconnected before the part was confirmed; the save cannot commit"
+        log.warning("dropping part %s: %s", job.key, job.error)
+        path = os.path.join(parts_dir(self.cfg.root, job.run, job.tag), job.part or "")
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, path)
+        await self._changed()
+        return True
 
     async def _upload_part(self, job: Job, store: Store, retrying: Any, progress: Any) -> None:
         """A part goes to its final place in the store; the local copy is only staging."""
@@ -810,6 +827,11 @@ class Daemon:
             what=f"upload {job.key}/MANIFEST.json",
         )
         job.committed_at = time.time()
+        # Parts of an earlier attempt at this tag (a rank died, another world size) are not in
+        # the manifest, so no reader looks at them; delete them now that the commit holds.
+        for name in found.keys() - records.keys() - {"MANIFEST.json"}:
+            with contextlib.suppress(CkptdError, OSError):
+                await store.delete(join_key(prefix, name))
         key = f"{job.store}\0{job.run}"
         async with self._remote_latest_lock:
             if job.step >= self._remote_latest.get(key, -1):
@@ -1010,6 +1032,8 @@ class Daemon:
                 store = self._store(job.store)
                 job.bytes_uploaded = 0
                 if job.part is not None:
+                    if await self._drop_orphan_part(job):
+                        continue
                     await self._upload_part(job, store, retrying, progress)
                     job.error = None
                     job.uploaded_at = time.time()
