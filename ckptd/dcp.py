@@ -250,6 +250,13 @@ class Writer(StorageWriter, AsyncStager):
         self._staged: Any = None  # (slot, base pointer, size) of the last stage()
         self._plans_world = 1
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's process-mode async_save sends the writer to its own process: the connection,
+        # slots and caches stay here, and that process opens its own.
+        state = self.__dict__.copy()
+        state.update(_client=None, _staged=None, _layouts={})
+        return state
+
     @property
     def client(self) -> Checkpointer:
         if self._client is None:

@@ -5,7 +5,10 @@ descriptor (SCM_RIGHTS, sent with the frame's first byte) is ``{"op": "slot"}``.
 client sends is validated by the daemon before use (``field``); a frame that is too big, not a map,
 or has wrong types is a ``ProtocolError`` that drops that connection alone.
 
-Client -> daemon ops: ``hello``, ``slot`` (+fd), ``save``, ``status``, ``drain``, ``bye``.
+Client -> daemon ops: ``hello``, ``slot`` (+fd), ``save``, ``status``, ``drain``, ``mirror``,
+``commit``, ``bye``. A ``save`` with ``part: true`` is one rank's file of a sharded (DCP)
+checkpoint; its data may be gathered from ``segments`` of the slot. ``commit`` lists every part
+of a sharded checkpoint and asks for the metadata and manifest to be written (``ckptd.dcp``).
 Daemon -> client events: ``welcome``, ``released``, ``committed``, ``uploaded``, ``failed``,
 ``status``, ``drained``, ``preempted``, ``error``.
 """
