@@ -1,16 +1,19 @@
 """Shared-memory staging slots, handed to the daemon as file descriptors.
 
-Each slot is an anonymous ``memfd`` mapped into the trainer and passed to the daemon over the Unix
-socket (SCM_RIGHTS). Nothing has a name in /dev/shm, so a trainer that dies leaks nothing: the
-memory goes away when the last process holding the descriptor lets go, after the daemon has
-written what was staged. On CUDA the mapping is page-locked with ``cudaHostRegister`` so that
+Each slot is torch's own file-descriptor shared memory (a /dev/shm file unlinked at creation,
+kept open by its descriptor) and that descriptor is passed to the daemon over the Unix socket
+(SCM_RIGHTS). Nothing keeps a name, so a trainer that dies leaks nothing: the memory goes away when
+the last process holding a descriptor lets go, after the daemon has written what was staged.
+Being torch's shared memory matters: a staged tensor handed to another process through
+``torch.multiprocessing`` (DCP's process-mode ``async_save``) is shared in place, where torch would
+otherwise move the storage into new shared memory behind the daemon's back (or crash doing it on a
+foreign mapping). On CUDA the memory is page-locked with ``cudaHostRegister`` so that
 device-to-host copies run at full speed and asynchronously.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 
@@ -21,17 +24,25 @@ log = logging.getLogger("ckptd.arena")
 _GRANULE = 2 << 20
 
 
+def _shared_storage(size: int) -> torch.UntypedStorage:
+    """``size`` bytes of torch's file-descriptor shared memory (its pages not yet faulted in)."""
+    new = getattr(torch.UntypedStorage, "_new_using_fd_cpu", None)
+    if new is not None:
+        return new(size)
+    # Public path: allocates privately first, then moves into shared memory (one extra copy).
+    return torch.empty(size, dtype=torch.uint8).share_memory_().untyped_storage()
+
+
 class Slot:
     """One staging buffer. Grows by replacement: a new memfd, sent again to the daemon."""
 
     def __init__(self, index: int, label: str) -> None:
         self.index = index
         self.label = label
-        self.fd = -1
+        self.fd = -1  # our own duplicate of the storage's descriptor: what the daemon gets
         self.size = 0
         self.generation = 0
-        self._mm: mmap.mmap | None = None
-        self.buf: torch.Tensor | None = None  # uint8 view of the whole mapping
+        self.buf: torch.Tensor | None = None  # uint8 view of the whole storage
         self.pinned = False
         self.free = threading.Event()
         self.free.set()
@@ -46,16 +57,15 @@ class Slot:
             return False
         self.release()
         new = max(_GRANULE, (size + size // 8 + _GRANULE - 1) // _GRANULE * _GRANULE)
-        fd = os.memfd_create(f"ckptd-{self.label}-{self.index}", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, new)
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mm = mmap.mmap(fd, new, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:
-            os.close(fd)
-            raise
-        self.fd, self.size, self._mm = fd, new, mm
-        self.buf = torch.frombuffer(mm, dtype=torch.uint8)
+            storage = _shared_storage(new)
+        except RuntimeError as e:  # /dev/shm too small or out of memory
+            raise OSError(f"cannot allocate a {new} byte staging slot in shared memory: {e}") from e
+        fd = os.dup(storage._share_fd_cpu_()[0])
+        os.set_inheritable(fd, False)
+        self.fd, self.size = fd, new
+        self.buf = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self.buf.zero_()  # fault every page in now, not during the first timed copy
         self.generation += 1
         if pin:
             self._pin()
@@ -74,14 +84,7 @@ class Slot:
         if self.pinned and self.buf is not None:
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
             self.pinned = False
-        self.buf = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                # A view is still exported somewhere; the mapping goes when it is collected.
-                log.debug("slot %d mapping still referenced", self.index)
-            self._mm = None
+        self.buf = None  # views still held elsewhere keep the storage alive until collected
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -221,6 +221,11 @@ class Writer(StorageWriter, AsyncStager):
 
     With ``dcp.async_save`` the loop blocks only for ``stage()``: the copy of this rank's tensors
     into shared memory. Writing, uploading and the commit run in DCP's background thread.
+
+    Use DCP's default thread mode: the daemon already keeps serialization and I/O out of the
+    training process. Process mode works for plain tensors, but torch 2.13 crashes (SIGSEGV in
+    ``_share_fd_cpu_``) pickling a DTensor whose local shard is an offset view of shared memory,
+    which is what a staged DTensor is.
     """
 
     _synchronize_after_execute = False  # stage() returns a finished copy

@@ -149,7 +149,10 @@ def main() -> None:
     try:
         action = args["action"]
         if action in ("save", "die"):
-            state = sharded_state(args["seed"], mesh)
+            # Process mode gets replicated plain tensors: torch 2.13 segfaults pickling a DTensor
+            # whose local shard is an offset view of shared memory (see ckptd/dcp.py).
+            plain = args.get("mode") == "process"
+            state = full_state(args["seed"]) if plain else sharded_state(args["seed"], mesh)
             writer = ckptd.dcp.Writer(run=args["run"], store=args.get("store"), socket=socket)
             if action == "die" and rank == args["victim"]:
                 real = writer._write
@@ -159,10 +162,15 @@ def main() -> None:
                     os._exit(9)
 
                 writer._write = die  # type: ignore[method-assign]
-            if args.get("mode") == "async":
-                fut = dcp.async_save(state, checkpoint_id=args["tag"], storage_writer=writer)
+            if args.get("mode") in ("async", "process"):
+                from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+                kind = AsyncCheckpointerType(args["mode"].replace("async", "thread"))
+                fut = dcp.async_save(state, checkpoint_id=args["tag"], storage_writer=writer,
+                                     async_checkpointer_type=kind)  # fmt: skip
                 for group, name in SHARDED:  # the loop goes on mutating its state
-                    state[group][name].to_local().add_(1)
+                    t = state[group][name]
+                    (t if plain else t.to_local()).add_(1)
                 fut.result()
             else:
                 dcp.save(state, checkpoint_id=args["tag"], storage_writer=writer)

@@ -257,6 +257,16 @@ def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
 
 
 @pytest.mark.slow
+def test_process_mode_async_save(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DCP's process-mode async_save runs the writer in its own process (and process group)."""
+    base = {"run": "proc", "sockets": [daemon.socket], "seed": 4, "tag": "step-4"}
+    assert_ok(run_world(2, {**base, "action": "save", "mode": "process"}, tmp_path, "save"),
+              tmp_path)  # fmt: skip
+    assert committed_tags(os.path.join(daemon.root, "proc")) == ["step-4"]
+    assert_ok(run_world(1, {**base, "action": "load"}, tmp_path, "load"), tmp_path)
+
+
+@pytest.mark.slow
 def test_fsdp2_save_and_load_with_another_world_size(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
     base = {"run": "fsdp", "sockets": [daemon.socket], "seed": 3, "tag": "step-3",
             "expect": str(tmp_path / "expect.pt")}  # fmt: skip
