@@ -9,7 +9,8 @@ Adam moments, ``--size`` GB in all) as DTensors, and times, per save:
   (DCP's default stager; DCP's ``DefaultStager`` with cached shared memory; ckptd's
   ``Writer``, whose ``stage()`` copies into the daemon's shared-memory slot).
 - **done**: until the save's future resolves (plain DCP: files fsynced by DCP's writer on local
-  disk; ckptd: every part committed by the daemon and the manifest written).
+  disk; ckptd: every part committed by the daemon and the manifest written; with ``--daemons``
+  above 1, every part also copied to a shared local store, as nodes would upload).
 - **limit**: a ``torch._foreach_copy_`` of the same local tensors into a preallocated buffer.
 
 Contenders alternate within each repeat; medians per rank. The last ckptd checkpoint is loaded
@@ -52,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sockets", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--store", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -118,7 +120,8 @@ def rank_main(args: argparse.Namespace) -> None:
     tensors = local_tensors(state)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     sockets = args.sockets.split(",")
-    writer = ckptd.dcp.Writer(run="bench", socket=sockets[rank * len(sockets) // args.world])
+    writer = ckptd.dcp.Writer(run="bench", store=args.store,
+                              socket=sockets[rank * len(sockets) // args.world])  # fmt: skip
 
     # The limit: the same local tensors into a preallocated, faulted-in shared mapping.
     mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
@@ -192,7 +195,7 @@ def rank_main(args: argparse.Namespace) -> None:
 
     # Honesty: the last ckptd save loads back bit for bit (into a zeroed copy of the state).
     target = {g: {k: torch.zeros_like(v) for k, v in d.items()} for g, d in state.items()}
-    reader = ckptd.dcp.Reader(run="bench", socket=writer.socket)
+    reader = ckptd.dcp.Reader(run="bench", store=args.store, socket=writer.socket)
     dcp.load(target, checkpoint_id=f"step-{args.repeats}", storage_reader=reader)
     equal = all(torch.equal(a, b) for a, b in zip(local_tensors(target), tensors, strict=True))
     writer.close()
@@ -215,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     from .infra import Infra
 
     with Infra(args.dir) as infra:
-        daemons = [infra.daemon(f"n{i}") for i in range(args.daemons)]
+        # Several daemons stand for several nodes: they meet in a shared store (a local path).
+        store = infra.path("shared-store", "") if args.daemons > 1 else None
+        daemons = [infra.daemon(f"n{i}", store=store) for i in range(args.daemons)]
         work = tempfile.mkdtemp(prefix="dcp-", dir=infra.dir)
         base = [sys.executable, "-m", "bench.dcp_ranks", "--world", str(args.world),
                 "--size", str(args.size), "--dtype", args.dtype, "--repeats", str(args.repeats),
                 "--device", args.device, "--work", work,
-                "--sockets", ",".join(d.socket for d in daemons)]  # fmt: skip
+                "--sockets", ",".join(d.socket for d in daemons),
+                *(["--store", store] if store else [])]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.world))}
         procs = [subprocess.Popen([*base, "--rank", str(r)], env=env) for r in range(args.world)]
         try:
