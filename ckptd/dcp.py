@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -253,14 +254,22 @@ class Writer(StorageWriter, AsyncStager):
         self._client: Checkpointer | None = None
         self._layouts: dict[tuple[Any, ...], tuple[list[int], int]] = {}
         self._staged: Any = None  # (slot, base pointer, size) of the last stage()
-        self._plans_world = 1
+        # One save in flight per writer: DCP keeps the tag (reset) and the staged state on the
+        # writer, so a second async_save stages only once the first is done (see stage()).
+        self._idle = threading.Event()
+        self._idle.set()
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process-mode async_save sends the writer to its own process: the connection,
         # slots and caches stay here, and that process opens its own.
         state = self.__dict__.copy()
-        state.update(_client=None, _staged=None, _layouts={})
+        state.update(_client=None, _staged=None, _layouts={}, _idle=None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._idle = threading.Event()
+        self._idle.set()
 
     @property
     def client(self) -> Checkpointer:
@@ -308,7 +317,10 @@ class Writer(StorageWriter, AsyncStager):
             fut.set_result(self._write(plan, planner))
         except BaseException:
             self._release_staged()
+            self._idle.set()  # no finish() follows a failed write
             raise
+        if not self.is_coordinator:
+            self._idle.set()  # this rank's share of the save is done
         return fut
 
     def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
@@ -411,6 +423,12 @@ class Writer(StorageWriter, AsyncStager):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator only: the global commit, once every rank's part is confirmed."""
+        try:
+            self._finish(metadata, results)
+        finally:
+            self._idle.set()
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.tag is not None
         parts: dict[str, dict[str, Any]] = {}
         storage: dict[MetadataIndex, _Loc] = {}
@@ -451,7 +469,24 @@ class Writer(StorageWriter, AsyncStager):
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The loop's only blocking work in ``dcp.async_save``: copy this rank's tensors (local
-        shards of DTensors) into a shared-memory slot the daemon will write from."""
+        shards of DTensors) into a shared-memory slot the daemon will write from.
+
+        Waits first for this writer's previous save, if it is still running: DCP keeps the tag
+        and the staged state on the writer object, so two saves cannot share one in flight.
+        """
+        if not self._idle.wait(self.timeout):
+            raise SaveError(
+                f"the previous save of {self.run}@{self.tag} through this writer is still running "
+                f"after {self.timeout} s; wait for its future before the next async_save"
+            )
+        self._idle.clear()
+        try:
+            return self._stage(state_dict)
+        except BaseException:
+            self._idle.set()  # nothing was handed to DCP
+            raise
+
+    def _stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         self._release_staged()
         leaves = _leaves(state_dict, [])
         tensors = [_local(t) for t in leaves]

@@ -145,6 +145,26 @@ def test_async_save_gathers_from_the_staged_copy_and_isolates_the_loop(daemon) -
     writer.close()
 
 
+def test_back_to_back_async_saves_keep_their_own_contents(daemon) -> None:  # type: ignore[no-untyped-def]
+    """A second async_save before the first finished waits for it instead of reusing its slot."""
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    state = _model_state(5)
+    first = {k: v.clone() for k, v in state["model"].items()}
+    futures = [dcp.async_save(state, checkpoint_id="b-1", storage_writer=writer)]
+    for v in state["model"].values():
+        v.mul_(2)
+    futures.append(dcp.async_save(state, checkpoint_id="b-2", storage_writer=writer))
+    for f in futures:
+        f.result()
+    for tag, want in (("b-1", first), ("b-2", state["model"])):
+        target = _model_state(6)
+        dcp.load(target, checkpoint_id=tag,
+                 storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
+        for k, v in want.items():
+            assert torch.equal(target["model"][k], v), (tag, k)
+    writer.close()
+
+
 def test_latest_and_refusals(daemon) -> None:  # type: ignore[no-untyped-def]
     writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
     dcp.save(_model_state(1), checkpoint_id="step-1", storage_writer=writer)
