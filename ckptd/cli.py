@@ -117,7 +117,8 @@ def _job_line(j: dict[str, Any]) -> str:
         prog = _human(j["bytes_total"])
     extra = f" retries={j['retries']}" if j["retries"] else ""
     err = f"  error: {j['error']}" if j["error"] else ""
-    return f"  {j['run']}@{j['tag']:<28} {j['state']:<10} {prog}{extra}{err}"
+    name = f"{j['run']}@{j['tag']}" + (f" part {j['part']}" if j.get("part") else "")
+    return f"  {name:<40} {j['state']:<10} {prog}{extra}{err}"
 
 
 def _print_status(st: dict[str, Any]) -> None:

@@ -108,6 +108,11 @@ def test_single_process_save_load_and_layout(daemon) -> None:  # type: ignore[no
         assert "state_dict_metadata" in json.load(f)
     ckptd.verify(os.path.join(daemon.root, "solo"), "step-5")
     assert not os.listdir(os.path.join(daemon.root, ".ckptd", "parts", "solo")), "parts left"
+    status = subprocess.run(
+        [sys.executable, "-m", "ckptd", "status", "--socket", daemon.socket],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "solo@step-5 part shard-00000-of-00001.safetensors" in status.stdout
 
     target = _model_state(2)
     dcp.load(target, checkpoint_id="step-5", storage_reader=ckptd.dcp.Reader(run="solo",
