@@ -145,7 +145,8 @@ class Checkpointer:
             notice; ``preempted`` becomes True either way.
         save_rank: in a data-parallel job (``torch.distributed`` initialized), the one rank that
             saves; ``save()`` on the others returns at once (no collective, no waiting) and they
-            connect to the daemon only if they restore by themselves.
+            connect to the daemon only if they restore by themselves. None: every rank saves
+            (each rank then needs its own ``run``, e.g. model-parallel state per rank).
     """
 
     def __init__(
@@ -158,7 +159,7 @@ class Checkpointer:
         backpressure: str | Backpressure = Backpressure.BLOCK,
         on_preempt: Callable[[], None] | None = None,
         timeout: float = 10.0,
-        save_rank: int = 0,
+        save_rank: int | None = 0,
     ) -> None:
         self.run = check_name(run, "run")
         try:
@@ -191,18 +192,19 @@ class Checkpointer:
         self._conn: _Connection | None = None
         self.daemon_info: dict[str, Any] = {}
         self.rank, self.world_size = rank_and_world()
-        if not 0 <= save_rank < self.world_size:
+        if save_rank is not None and not 0 <= save_rank < self.world_size:
             raise ConfigError(
                 f"save_rank {save_rank} is not a rank of this world of {self.world_size}"
             )
         self.save_rank = save_rank
+        self._told_other_rank = False
         if self.saves:
             self._connect()
 
     @property
     def saves(self) -> bool:
         """Whether this process saves (every process outside DDP; ``save_rank`` within)."""
-        return self.rank == self.save_rank
+        return self.save_rank is None or self.rank == self.save_rank
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -321,6 +323,11 @@ class Checkpointer:
             raise ConfigError(f"step must be a non-negative int, not {step!r}")
         tag = check_name(tag, "tag") if tag is not None else make_tag(step, epoch, sample)
         if not self.saves:
+            assert self.save_rank is not None
+            if not self._told_other_rank:
+                self._told_other_rank = True
+                log.info("rank %d does not save: rank %d saves for the job (save_rank=None saves "
+                         "on every rank)", self.rank, self.save_rank)  # fmt: skip
             return SaveHandle(tag, step, saved_by=self.save_rank)
         all_models = dict(models or {})
         if model is not None:
@@ -568,7 +575,7 @@ class Checkpointer:
             tag=tag, model=model, optimizer=optimizer, models=models, optimizers=optimizers,
             strict=strict, map_location=map_location,
         )  # fmt: skip
-        if self.world_size == 1 or not broadcast:
+        if self.world_size == 1 or not broadcast or self.save_rank is None:
             return self._restore_here(**kwargs)
         from .ddp import broadcast_restored
 

@@ -131,6 +131,10 @@ def ddp(rank: int, args: dict[str, Any], socket: str) -> dict[str, Any]:
         if not torch.equal(o2.state_dict()["state"][0]["exp_avg"], want_o):
             bad.append(f"optim broadcast={broadcast}")
     ckpt.close()
+    # save_rank=None: every rank saves, each into its own run.
+    own = ckptd.Checkpointer(f"{args['run']}-rank{rank}", socket=socket, save_rank=None)
+    out["own_state"] = own.save(1, model=model.module).wait("committed").state
+    own.close()
     out["bad"] = bad
     return out
 

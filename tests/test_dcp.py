@@ -320,3 +320,6 @@ def test_ddp_saves_once_and_restores_on_every_rank(daemon, tmp_path) -> None:  #
     assert verdicts[1]["state"] == "other-rank" and not verdicts[1]["connected"]
     assert verdicts[0]["state"] != "other-rank" and verdicts[0]["connected"]
     assert committed_tags(os.path.join(daemon.root, "ddp")) == ["step-00000003"]
+    for rank in (0, 1):
+        assert verdicts[rank]["own_state"] in ("committed", "uploaded")
+        assert committed_tags(os.path.join(daemon.root, f"ddp-rank{rank}")) == ["step-00000001"]
