@@ -282,6 +282,21 @@ def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
 
 
 @pytest.mark.slow
+def test_two_daemons_to_gcs_then_load_with_world1(gcs_bucket, make_daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = f"gs://{gcs_bucket}/ckpts"
+    a = make_daemon(store=store, name="a")
+    b = make_daemon(store=store, name="b")
+    base = {"run": "big", "store": store, "sockets": [a.socket, b.socket], "seed": 9}
+    assert_ok(run_world(2, {**base, "action": "save", "tag": "step-9", "mode": "async"},
+                        tmp_path, "save"), tmp_path)  # fmt: skip
+    url = f"{store}/big"
+    assert committed_tags(url) == ["step-9"]
+    ckptd.verify(url, "step-9")
+    assert_ok(run_world(1, {**base, "action": "load"}, tmp_path, "load"), tmp_path)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.mark.slow
 def test_process_mode_async_save(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """DCP's process-mode async_save runs the writer in its own process (and process group)."""
     base = {"run": "proc", "sockets": [daemon.socket], "seed": 4, "tag": "step-4"}
