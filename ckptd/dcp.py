@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -62,12 +63,15 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .catalog import _candidates, _read_manifest, run_sync
+from .catalog import _candidates, _fetch, _read_manifest, run_sync
 from .client import Checkpointer
+from .ddp import rank_and_world
 from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, SerializationError
-from .fmt import DTYPES, TORCH_DTYPES
-from .header import FORMAT, decode_header, encode_header
+from .fmt import DTYPES, TORCH_DTYPES, check_tensor
+from .header import FORMAT, encode_header
 from .names import check_name
+from .reader import _read_verified, _tensors
+from .stager import _copy_all
 from .storage import is_local, join_key, local_path, open_store
 
 __all__ = ["METADATA", "Reader", "Writer", "shard_name"]
@@ -98,12 +102,6 @@ def _item_key(fqn: str, offsets: Any, sizes: Any, full: Any) -> str:
     if all(o == 0 for o in offsets) and list(sizes) == list(full):
         return fqn
     return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # ---- staging: a training-safe copy of the state dict in a shared-memory slot -------------------
@@ -165,15 +163,6 @@ def _rebuild(obj: Any, staged: Iterator[torch.Tensor]) -> Any:
     return copy.deepcopy(obj)  # plain values: later changes by the loop must not leak in
 
 
-def _check_tensor(name: str, t: torch.Tensor) -> None:
-    if t.is_sparse or t.layout != torch.strided:
-        raise SerializationError(f"{name} has layout {t.layout}; ckptd saves dense tensors")
-    if t.dtype not in DTYPES:
-        raise SerializationError(f"{name} has unsupported dtype {t.dtype}")
-    if t.is_meta:
-        raise SerializationError(f"{name} is a meta tensor (no data to save)")
-
-
 def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
     """Offsets in a slot, largest elements first, packed without holes: any subset taken in this
     order is again naturally aligned and hole-free, which is what a shard file needs."""
@@ -192,11 +181,7 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     cpu = [(d, s if s.is_cpu else s.cpu()) for d, s in zip(dst, src, strict=True) if not s.is_cuda]
     with torch.no_grad():
         if cpu:
-            try:
-                torch._foreach_copy_([d for d, _ in cpu], [s for _, s in cpu])
-            except (RuntimeError, TypeError):
-                for d, s in cpu:
-                    d.copy_(s)
+            _copy_all([d for d, _ in cpu], [s for _, s in cpu])
         for d, s in cuda:
             d.copy_(s, non_blocking=True)
         if cuda:
@@ -249,7 +234,7 @@ class Writer(StorageWriter, AsyncStager):
         self.timeout = timeout
         self.tag: str | None = None
         self.is_coordinator = False
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_and_world()
         self._slots = slots
         self._client: Checkpointer | None = None
         self._layouts: dict[tuple[Any, ...], tuple[list[int], int]] = {}
@@ -302,7 +287,7 @@ class Writer(StorageWriter, AsyncStager):
         if isinstance(kwargs.get("rank"), int):
             self.rank = kwargs["rank"]
         else:
-            self.rank, self.world = _rank_world()
+            self.rank, self.world = rank_and_world()
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -340,7 +325,7 @@ class Writer(StorageWriter, AsyncStager):
             chunk = item.tensor_data.chunk
             key = _item_key(item.index.fqn, chunk.offsets, chunk.sizes, item.tensor_data.size)
             t = data.detach()
-            _check_tensor(key, t)
+            check_tensor(key, t)
             tensors.append((key, t, item))
         if not plan.items:
             self._release_staged()
@@ -494,7 +479,7 @@ class Writer(StorageWriter, AsyncStager):
         cached = self._layouts.get(sig)
         if cached is None:
             for i, t in enumerate(tensors):
-                _check_tensor(f"tensor #{i} of the state dict", t)
+                check_tensor(f"tensor #{i} of the state dict", t)
             if len(self._layouts) > 8:
                 self._layouts.clear()
             cached = self._layouts[sig] = _layout(tensors)
@@ -658,7 +643,7 @@ class Reader(StorageReader):
         return Writer.validate_checkpoint_id(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        async def go() -> tuple[dict[str, Any], bytes]:
+        async def go() -> dict[str, Any]:
             async with open_store(self.url) as store:
                 if self.tag == "latest":
                     found = [
@@ -669,19 +654,17 @@ class Reader(StorageReader):
                     manifest = found[0]
                 else:
                     manifest = await _read_manifest(store, self.tag)
-                tag = manifest["tag"]
-                raw = await store.get_bytes(join_key("checkpoints", tag, METADATA))
-                return manifest, raw
+                return manifest
 
-        manifest, raw = run_sync(go())
+        manifest = run_sync(go())
         if manifest.get("kind") != "dcp":
             raise ConfigError(
                 f"{self.url}@{manifest.get('tag')} was saved by Checkpointer, not DCP: load it with "
                 "ckptd.load or Checkpointer.restore"
             )
-        _check(METADATA, raw, manifest)
         self.manifest = manifest
         self.tag = manifest["tag"]
+        raw = self._verified([METADATA])[METADATA].numpy().tobytes()
         try:
             md = decode_metadata(json.loads(raw))
         except ValueError as e:
@@ -701,22 +684,19 @@ class Reader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         needed = sorted({self._storage[item.storage_index].file for item in plan.items})
-        files = self._fetch(needed)
+        files = {name: _tensors(buf, name) for name, buf in self._verified(needed).items()}
         for item in plan.items:
             loc = self._storage[item.storage_index]
-            header, start, buf = files[loc.file]
+            tensors, meta = files[loc.file]
             if item.type == LoadItemType.BYTE_IO:
-                blobs = json.loads(header.get("__metadata__", {}).get(_BYTES_KEY, "{}"))
+                blobs = json.loads(meta.get(_BYTES_KEY, "{}"))
                 data = base64.b64decode(blobs[loc.key])
                 self._check_safe(loc.key, data)
                 planner.load_bytes(item, io.BytesIO(data))
                 continue
-            entry = header.get(loc.key)
-            if entry is None:
+            stored = tensors.get(loc.key)
+            if stored is None:
                 raise IntegrityError(f"{loc.file} has no tensor {loc.key!r}")
-            b, e = entry["data_offsets"]
-            stored = buf[start + b : start + e].view(TORCH_DTYPES[entry["dtype"]])
-            stored = stored.view(entry["shape"])
             src = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item).detach()
             if target.size() != src.size():
@@ -741,40 +721,25 @@ class Reader(StorageReader):
                 "pass Reader(allow_pickle=True) if you trust this checkpoint"
             ) from e
 
-    def _fetch(self, names: list[str]) -> dict[str, tuple[dict[str, Any], int, torch.Tensor]]:
-        """Each needed shard, whole and verified against the manifest."""
-        tag = self.tag
-
-        async def go() -> dict[str, bytes]:
-            async with open_store(self.url) as store:
-                out = {}
-                for name in names:
-                    out[name] = await store.get_bytes(join_key("checkpoints", tag, name))
-                return out
-
+    def _verified(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Each named file of the checkpoint, whole, checked against the manifest as it is read
+        (the same reads as ``ckptd.load``: in place when local, else downloaded first)."""
+        files = self.manifest.get("files", {})
+        for name in names:
+            if name not in files:
+                raise IntegrityError(f"{name} is not listed in the manifest of {self.tag}")
         if is_local(self.url):
-            raw: dict[str, bytes] = {}
-            for name in names:
-                with open(os.path.join(local_path(self.url), "checkpoints", tag, name), "rb") as f:
-                    raw[name] = f.read()
-        else:
-            raw = run_sync(go())
-        out = {}
-        for name, data in raw.items():
-            _check(name, data, self.manifest)
-            header, start = decode_header(data, len(data))
-            out[name] = (header, start, torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        return out
+            base = os.path.join(local_path(self.url), "checkpoints", self.tag)
+            return {n: _read_verified(os.path.join(base, n), n, files[n]) for n in names}
+        with tempfile.TemporaryDirectory(prefix="ckptd-dcp-") as tmp:
 
+            async def go() -> None:
+                async with open_store(self.url) as store:
+                    await _fetch(store, {**self.manifest, "files": {n: files[n] for n in names}},
+                                 tmp)  # fmt: skip
 
-def _check(name: str, data: bytes, manifest: dict[str, Any]) -> None:
-    import crc32c
-
-    rec = manifest.get("files", {}).get(name)
-    if rec is None:
-        raise IntegrityError(f"{name} is not listed in the manifest of {manifest.get('tag')}")
-    if len(data) != int(rec["size"]) or f"{crc32c.crc32c(data):08x}" != rec["crc32c"]:
-        raise IntegrityError(f"{name} does not match its manifest (size or CRC32C)")
+            run_sync(go())
+            return {n: _read_verified(os.path.join(tmp, n), n, files[n]) for n in names}
 
 
 def _daemon_store(socket: str | None) -> str:

@@ -151,14 +151,7 @@ class _Builder:
         for tname, t in items:
             if not isinstance(t, torch.Tensor):
                 raise SerializationError(f"{name}: {tname} is not a tensor")
-            if t.is_sparse or t.layout != torch.strided:
-                raise SerializationError(
-                    f"{name}: {tname} has layout {t.layout}; only dense tensors"
-                )
-            if t.dtype not in DTYPES:
-                raise SerializationError(f"{name}: {tname} has unsupported dtype {t.dtype}")
-            if t.is_meta:
-                raise SerializationError(f"{name}: {tname} is a meta tensor (no data to save)")
+            check_tensor(f"{name}: {tname}", t)
             entries.append((tname, t))
         position = {k: i for i, (k, _) in enumerate(items)}
         entries.sort(key=_order)
@@ -194,6 +187,16 @@ class _Builder:
             self.cache.files[name] = plan
         self.files.append(plan)
         self.cursor = base + _round_up(offset, ALIGN)
+
+
+def check_tensor(what: str, t: torch.Tensor) -> None:
+    """What a safetensors data section can hold: dense tensors of a known dtype, with data."""
+    if t.is_sparse or t.layout != torch.strided:
+        raise SerializationError(f"{what} has layout {t.layout}; only dense tensors")
+    if t.dtype not in DTYPES:
+        raise SerializationError(f"{what} has unsupported dtype {t.dtype}")
+    if t.is_meta:
+        raise SerializationError(f"{what} is a meta tensor (no data to save)")
 
 
 def _order(entry: tuple[str, torch.Tensor]) -> tuple[int, str]:

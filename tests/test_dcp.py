@@ -213,7 +213,7 @@ def test_corrupt_shard_is_refused(daemon) -> None:  # type: ignore[no-untyped-de
     with pytest.raises(CheckpointException) as raised:
         dcp.load(_model_state(2), checkpoint_id="step-1",
                  storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
-    assert "does not match its manifest" in str(raised.value.failures[0])
+    assert "does not match the manifest" in str(raised.value.failures[0])
 
 
 # ---- many ranks, one or two daemons ----------------------------------------------------------
