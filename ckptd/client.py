@@ -29,7 +29,7 @@ from .ddp import rank_and_world
 from .defaults import default_socket
 from .errors import CkptdError, ConfigError, DaemonUnavailableError, SaveError
 from .fmt import PlanCache, SavePlan, plan_save
-from .names import check_name, make_tag
+from .names import check_name, make_tag, named
 from .protocol import VERSION
 from .stager import Fence, Stager
 
@@ -329,12 +329,7 @@ class Checkpointer:
                 log.info("rank %d does not save: rank %d saves for the job (save_rank=None saves "
                          "on every rank)", self.rank, self.save_rank)  # fmt: skip
             return SaveHandle(tag, step, saved_by=self.save_rank)
-        all_models = dict(models or {})
-        if model is not None:
-            all_models.setdefault("model", model)
-        all_optims = dict(optimizers or {})
-        if optimizer is not None:
-            all_optims.setdefault("model", optimizer)
+        all_models, all_optims = named(model, models), named(optimizer, optimizers)
         for name in (*all_models, *all_optims):
             check_name(name, "model name")
         if not all_models and not all_optims and extra is None:
@@ -397,14 +392,7 @@ class Checkpointer:
         sid = next(self._ids)
         handle = SaveHandle(tag, step)
         msg = {
-            "op": "save",
-            "id": sid,
-            "run": self.run,
-            "tag": tag,
-            "step": step,
-            "store": self.store,
-            "slot": slot.index,
-            "generation": slot.generation,
+            **self._save_fields(sid, tag, step, slot),
             "part": True,
             "files": [
                 {
@@ -477,14 +465,7 @@ class Checkpointer:
         sample: int | None,
     ) -> dict[str, Any]:
         return {
-            "op": "save",
-            "id": sid,
-            "run": self.run,
-            "tag": tag,
-            "step": step,
-            "store": self.store,
-            "slot": slot.index,
-            "generation": slot.generation,
+            **self._save_fields(sid, tag, step, slot),
             "files": [
                 {"name": f.name, "header": f.header, "offset": f.arena_offset, "size": f.data_size}
                 for f in plan.files
@@ -498,6 +479,19 @@ class Checkpointer:
                 "pid": os.getpid(),
                 **({"git_commit": self.git_commit} if self.git_commit else {}),
             },
+        }
+
+    def _save_fields(self, sid: int, tag: str, step: int, slot: Slot) -> dict[str, Any]:
+        """What every ``save`` message carries, whole checkpoint or one rank's part."""
+        return {
+            "op": "save",
+            "id": sid,
+            "run": self.run,
+            "tag": tag,
+            "step": step,
+            "store": self.store,
+            "slot": slot.index,
+            "generation": slot.generation,
         }
 
     def _send_save(self, msg: dict[str, Any], handle: SaveHandle, index: int) -> None:
@@ -586,12 +580,7 @@ class Checkpointer:
                 meta = self._restore_here(**kwargs)
             except CkptdError as e:  # the other ranks must hear of it, not wait forever
                 failure, meta = e, {"__ckptd_error__": f"{type(e).__name__}: {e}"}
-        all_models = dict(models or {})
-        if model is not None:
-            all_models.setdefault("model", model)
-        all_optims = dict(optimizers or {})
-        if optimizer is not None:
-            all_optims.setdefault("model", optimizer)
+        all_models, all_optims = named(model, models), named(optimizer, optimizers)
         meta = broadcast_restored(self.save_rank, meta, all_models, all_optims)
         if failure is not None:
             raise failure

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from .errors import ConfigError
 
+T = TypeVar("T")
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
+
+
+def named(one: T | None, many: dict[str, T] | None, default: str = "model") -> dict[str, T]:
+    """``model=`` / ``models=`` style arguments as one dict: the single one under ``default``."""
+    out = dict(many or {})
+    if one is not None:
+        out.setdefault(default, one)
+    return out
 
 
 def check_name(value: object, what: str) -> str:

@@ -34,6 +34,7 @@ from .catalog import (
 )
 from .errors import ConfigError, IntegrityError, NotFoundError, SerializationError
 from .fmt import TORCH_DTYPES, decode_header
+from .names import named
 from .storage import is_local, local_path, open_store
 from .tree import unflatten
 
@@ -250,12 +251,7 @@ def restore_into(
     map_location: Any = None,
 ) -> dict[str, Any] | None:
     """Find the newest verifying checkpoint in the first of ``urls`` that has one, and apply it."""
-    all_models = dict(models or {})
-    if model is not None:
-        all_models.setdefault("model", model)
-    all_optims = dict(optimizers or {})
-    if optimizer is not None:
-        all_optims.setdefault("model", optimizer)
+    all_models, all_optims = named(model, models), named(optimizer, optimizers)
     state: dict[str, Any] | None = None
     loc: Located | None = None
     errors: list[str] = []

@@ -101,6 +101,24 @@ def checkpoint_dir(root: str, run: str, tag: str) -> str:
     return os.path.join(root, run, "checkpoints", tag)
 
 
+def _refuse_existing(root: str, run: str, tag: str) -> None:
+    if os.path.exists(os.path.join(checkpoint_dir(root, run, tag), "MANIFEST.json")):
+        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
+
+
+def _fresh_partial(root: str, run: str, tag: str) -> str:
+    """An empty ``<tag>.partial`` to fill, once it is sure the tag is not committed yet."""
+    _refuse_existing(root, run, tag)
+    final = checkpoint_dir(root, run, tag)
+    partial = final + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    if os.path.isdir(final):  # a directory left without its manifest by a crash
+        shutil.rmtree(final)
+    os.makedirs(partial)
+    return partial
+
+
 def write_staged(
     root: str,
     run: str,
@@ -111,15 +129,7 @@ def write_staged(
     progress: Callable[[int], None],
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """Step 1: every data file into ``<tag>.partial``. Returns (partial dir, file records)."""
-    final = checkpoint_dir(root, run, tag)
-    if os.path.exists(os.path.join(final, "MANIFEST.json")):
-        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
-    partial = final + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
-    if os.path.isdir(final):  # a directory left without its manifest by a crash
-        shutil.rmtree(final)
-    os.makedirs(partial)
+    partial = _fresh_partial(root, run, tag)
     records: dict[str, dict[str, Any]] = {}
     for f in files:
         crc = write_file(os.path.join(partial, f.name), f.header, f.views(slot), progress)
@@ -162,9 +172,7 @@ def write_part(
     root: str, run: str, tag: str, f: StagedFile, slot: memoryview, progress: Callable[[int], None]
 ) -> tuple[str, dict[str, Any]]:
     """One rank's file of a sharded checkpoint: temp name, fsync, rename. Returns (path, record)."""
-    final = checkpoint_dir(root, run, tag)
-    if os.path.exists(os.path.join(final, "MANIFEST.json")):
-        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
+    _refuse_existing(root, run, tag)
     directory = parts_dir(root, run, tag)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f.name)
@@ -210,15 +218,7 @@ def assemble_parts(
             raise SaveError(
                 f"part {name} of {run}@{tag} has {size} bytes, its rank wrote {rec['size']}"
             )
-    final = checkpoint_dir(root, run, tag)
-    if os.path.exists(os.path.join(final, "MANIFEST.json")):
-        raise SaveError(f"checkpoint {run}@{tag} already exists; tags are never overwritten")
-    partial = final + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.makedirs(partial)
+    partial = _fresh_partial(root, run, tag)
     records = {name: dict(rec) for name, rec in parts.items()}
     for name in parts:
         os.rename(os.path.join(src, name), os.path.join(partial, name))
