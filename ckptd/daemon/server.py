@@ -501,45 +501,34 @@ class Daemon(ShardedCommits):
         files, inline, slot_fd, slot_size, total = self._validate_files(conn, msg)
         job = Job(run=run, tag=tag, step=step, store=store, client=conn.id, save_id=save_id)
         job.bytes_total = total
-        if self._closing:
-            if slot_fd is not None:
-                os.close(slot_fd)
-            self._spawn(
-                self._fail(
-                    job,
-                    "the daemon is shutting down; save refused",
-                    released=True,
-                    slot=msg.get("slot"),
-                )
-            )
-            return
-        if (old := self.jobs.get(job.key)) is not None and old.pending:
-            if slot_fd is not None:
-                os.close(slot_fd)
-            self._spawn(
-                self._fail(
-                    job, f"{job.key} is already being saved", released=True, slot=msg.get("slot")
-                )
-            )
-            return
         if msg_field(msg, "part", bool, optional=True):
             if len(files) != 1 or inline or slot_fd is None:
                 if slot_fd is not None:
                     os.close(slot_fd)
                 raise ProtocolError("a part save carries exactly one staged file")
             job.part = files[0].name
-            if (old := self.jobs.get(job.key)) is not None and old.pending:
+        refusal = None
+        if self._closing:
+            refusal = "the daemon is shutting down; save refused"
+        else:
+            # A whole save or commit of the tag in progress blocks a part too, and vice versa.
+            for key in dict.fromkeys((f"{run}@{tag}", job.key)):
+                if (old := self.jobs.get(key)) is not None and old.pending:
+                    refusal = f"{key} is already being saved"
+                    break
+        if refusal is not None:
+            if slot_fd is not None:
                 os.close(slot_fd)
-                self._spawn(self._fail(job, f"{job.key} is already being saved", released=True,
-                                       slot=msg.get("slot")))  # fmt: skip
-                return
-            self._add_job(job)
-            self._spawn(self._write_part(job, files[0], slot_fd, slot_size, msg.get("slot")))
+            self._spawn(self._fail(job, refusal, released=True, slot=msg.get("slot")))
             return
         self._add_job(job)
-        self._spawn(
-            self._write(job, files, inline, slot_fd, slot_size, msg.get("slot"), manifest_in)
-        )
+        if job.part is not None:
+            assert slot_fd is not None
+            self._spawn(self._write_part(job, files[0], slot_fd, slot_size, msg.get("slot")))
+        else:
+            self._spawn(
+                self._write(job, files, inline, slot_fd, slot_size, msg.get("slot"), manifest_in)
+            )
 
     def _validate_files(
         self, conn: _Conn, msg: dict[str, Any]
