@@ -433,9 +433,7 @@ class Checkpointer:
 
     @staticmethod
     def _pin(plan: SavePlan) -> bool:
-        return torch.cuda.is_available() and any(
-            ts.src.is_cuda for f in plan.files for ts in f.tensors
-        )
+        return torch.cuda.is_available() and any(t.is_cuda for f in plan.files for t in f.srcs)
 
     def _prepare_other_slots(self, plan: SavePlan) -> None:
         """Grow the other free slots in the background, so the next save does not pay for it."""

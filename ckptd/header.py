@@ -30,8 +30,14 @@ def encode_header(header: dict[str, Any]) -> bytes:
 def encode_header_parts(metadata: dict[str, str], entries_json: str) -> bytes:
     """Like ``encode_header``, from the metadata and the tensor entries already in JSON
     (``"name":{...},...`` without braces), so unchanged entries are not encoded again."""
-    meta = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
-    body = f'{{"__metadata__":{meta}{"," if entries_json else ""}{entries_json}}}'.encode()
+    return encode_header_json(
+        json.dumps(metadata, separators=(",", ":"), allow_nan=False), entries_json
+    )
+
+
+def encode_header_json(meta_json: str, entries_json: str) -> bytes:
+    """Like ``encode_header_parts``, with the metadata object already in JSON too."""
+    body = f'{{"__metadata__":{meta_json}{"," if entries_json else ""}{entries_json}}}'.encode()
     body += b" " * (-(8 + len(body)) % 8)
     return struct.pack("<Q", len(body)) + body
 

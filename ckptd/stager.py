@@ -11,10 +11,14 @@ waits on before telling the daemon the slot is ready.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from .arena import Slot
-from .fmt import TORCH_DTYPES, FilePlan, SavePlan
+from .fmt import TORCH_DTYPES, FilePlan, SavePlan, _pick
+
+_IS_CPU = attrgetter("is_cpu")
 
 
 class Fence:
@@ -63,7 +67,11 @@ class Stager:
         cuda_side: list[tuple[torch.Tensor, torch.Tensor]] = []
         for f in plan.files:
             index, views = _views(slot, f)
-            srcs = [f.tensors[i].src for i in index]
+            srcs = f.srcs if len(index) == len(f.srcs) else _pick(f.srcs, index)
+            if all(map(_IS_CPU, srcs)):  # the common case, in one pass with no Python frame
+                cpu_dst.extend(views)
+                cpu_src.extend(srcs)
+                continue
             if not any(src.is_cuda for src in srcs):
                 # Other accelerators (neither CPU nor CUDA) take a plain, blocking copy.
                 cpu_dst.extend(views)

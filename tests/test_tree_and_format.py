@@ -14,7 +14,7 @@ import torch
 
 import ckptd
 from ckptd.errors import ConfigError, ProtocolError, SerializationError
-from ckptd.fmt import ALIGN, plan_save
+from ckptd.fmt import ALIGN, TORCH_DTYPES, PlanCache, _plain_optim_state, _plain_state, plan_save
 from ckptd.names import check_name, make_tag
 from ckptd.protocol import MAX_FRAME, FrameReader, encode, field
 from ckptd.tree import flatten, unflatten
@@ -79,12 +79,10 @@ def _write(plan, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Materialise a plan the way the daemon does: header + arena bytes."""
     arena = torch.zeros(plan.arena_size, dtype=torch.uint8)
     for f in plan.files:
-        for ts in f.tensors:
+        for ts, src in zip(f.tensors, f.srcs, strict=True):
             if ts.end > ts.begin:
-                from ckptd.fmt import TORCH_DTYPES
-
                 dst = arena[ts.arena_offset : ts.arena_offset + ts.end - ts.begin]
-                dst.view(TORCH_DTYPES[ts.dtype]).view(ts.shape).copy_(ts.src)
+                dst.view(TORCH_DTYPES[ts.dtype]).view(ts.shape).copy_(src)
     paths = {}
     for f in plan.files:
         assert f.arena_offset % ALIGN == 0
@@ -148,8 +146,8 @@ def test_tensors_are_aligned_in_data_section() -> None:
     (f,) = plan.files
     header_len = len(f.header)
     assert header_len % 8 == 0
-    for ts in f.tensors:
-        assert ts.begin % ts.src.element_size() == 0
+    for ts, src in zip(f.tensors, f.srcs, strict=True):
+        assert ts.begin % src.element_size() == 0
 
 
 def test_names_refuse_traversal() -> None:
@@ -189,3 +187,61 @@ def test_frame_reader_handles_partial_and_bad_frames() -> None:
         field({"op": "save", "id": "7"}, "id", int)
     with pytest.raises(ProtocolError):
         field({"op": "save", "id": True}, "id", int)
+
+
+def test_fast_module_state_matches_state_dict() -> None:
+    """The hook-free walk gives what ``state_dict(keep_vars=True)`` gives, or steps aside."""
+    model = Net()
+    model.register_buffer("scratch", torch.zeros(3), persistent=False)
+    model.shared = model.body  # one submodule under two names: both prefixes, as state_dict
+    fast = _plain_state(model)
+    assert fast is not None
+    want = model.state_dict(keep_vars=True)
+    assert list(fast) == list(want) and all(fast[k] is want[k] for k in want)
+    assert "scratch" not in fast
+
+    class Extra(torch.nn.Linear):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"calls": 1}
+
+    model.body[0] = Extra(16, 32)
+    assert _plain_state(model) is None
+    model.body[0] = torch.nn.Linear(16, 32)
+    model.body[2]._register_state_dict_hook(lambda *a: None)
+    assert _plain_state(model) is None
+
+
+def test_fast_optimizer_state_matches_state_dict() -> None:
+    model = Net()
+    opt = torch.optim.AdamW(
+        [{"params": list(model.body.parameters()), "lr": 1e-3}, {"params": [model.embed.weight]}]
+    )
+    model(torch.randint(0, 64, (4, 3))).sum().backward()
+    opt.step()
+    cache = PlanCache()
+    for _ in range(2):  # first numbering, then the cached one
+        fast = _plain_optim_state(opt, cache)
+        assert fast is not None
+        want = opt.state_dict()
+        assert bitwise_equal(fast, want)
+        assert [list(g) for g in fast["param_groups"]] == [list(g) for g in want["param_groups"]]
+        assert list(fast["state"]) == list(want["state"])
+    opt.add_param_group({"params": [model.bn.weight, model.bn.bias], "lr": 0.5})
+    model(torch.randint(0, 64, (4, 3))).sum().backward()
+    opt.step()
+    assert bitwise_equal(_plain_optim_state(opt, cache), opt.state_dict())
+    opt.register_state_dict_post_hook(lambda o, sd: sd)
+    assert _plain_optim_state(opt, cache) is None
+
+
+def test_cached_plan_sees_a_dtype_change_of_the_same_parameters() -> None:
+    """``model.half()`` keeps the Parameter objects: the cached layout must not be reused."""
+    model = torch.nn.Linear(4, 4)
+    cache = PlanCache()
+    first = plan_save({"model": model}, {}, None, cache).files[0]
+    assert {ts.dtype for ts in first.tensors} == {"F32"}
+    model.half()
+    (f,) = plan_save({"model": model}, {}, None, cache).files
+    assert {ts.dtype for ts in f.tensors} == {"F16"}
+    assert all(src.dtype == torch.float16 for src in f.srcs)
+    assert f.data_size == first.data_size // 2
