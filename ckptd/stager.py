@@ -1,6 +1,7 @@
 """Copy a planned save into its arena slot: the only work ``save()`` does on the loop's time.
 
-CPU tensors are copied at once (``torch._foreach_copy_``, which releases the GIL per kernel).
+CPU tensors are copied at once (``torch._foreach_copy_``, which releases the GIL per kernel;
+thousands of small ones are split across a few threads).
 CUDA tensors are copied device-to-host into the pinned slot asynchronously: module buffers and
 extras on the current stream (so the next forward, which may update running statistics, is
 ordered after the copy), parameters and optimizer state on a side stream that first waits for the
@@ -11,6 +12,9 @@ waits on before telling the daemon the slot is ready.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 
 import torch
@@ -130,9 +134,58 @@ def _views(slot: Slot, f: FilePlan) -> tuple[list[int], list[torch.Tensor]]:
     return cached
 
 
+_PARALLEL_MIN = 1024  # tensors per thread: below this a second thread costs more than it saves
+_MAX_THREADS = 4
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Copy ``src`` into ``dst``; thousands of small tensors are split across threads.
+
+    A small tensor's copy is mostly per-call overhead in C++ that holds no lock, and
+    ``_foreach_copy_`` releases the GIL: with 10,000 tensors two threads copy in ~0.6 of the
+    time of one. Large tensors gain nothing (torch already splits each copy across cores), and
+    there are few of them, so the split is by count.
+    """
+    n = min(len(dst) // _PARALLEL_MIN, torch.get_num_threads(), _MAX_THREADS)
+    if n < 2:
+        _copy_chunk(dst, src)
+        return
+    pool = _thread_pool()
+    step = -(-len(dst) // n)
+    futures = [
+        pool.submit(_copy_chunk, dst[i : i + step], src[i : i + step])
+        for i in range(step, len(dst), step)
+    ]
     try:
-        torch._foreach_copy_(dst, src)
-    except (RuntimeError, TypeError):
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s)
+        _copy_chunk(dst[:step], src[:step])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _copy_chunk(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    with torch.no_grad():  # grad mode is per thread: sources may be parameters that require grad
+        try:
+            torch._foreach_copy_(dst, src)
+        except (RuntimeError, TypeError):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="ckptd-copy")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: a new pool, if it ever saves."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
