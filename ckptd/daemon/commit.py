@@ -1,10 +1,13 @@
 """Local commit: write a staged save into ``<tag>.partial/``, fsync, rename, MANIFEST last.
 
 Runs in worker threads (every call here blocks). Checksums are computed by a second thread while
-the first writes, over the same shared-memory bytes, so hashing costs no wall time.
+the first writes, over the same shared-memory bytes, so hashing costs no wall time; the disk is
+told to start writing each chunk as soon as it is in the page cache, so the fsyncs wait only for
+the tail.
 
 Commit order, each step durable before the next:
-  1. ``<run>/checkpoints/<tag>.partial/<file>``: header + arena bytes, CRC32C alongside, fsync
+  1. ``<run>/checkpoints/<tag>.partial/<file>``: header + arena bytes, CRC32C alongside; every
+     file written, then every file fsynced
   2. fsync the partial directory, rename it to ``<tag>/``, fsync ``checkpoints/``
   3. ``<tag>/MANIFEST.json`` (temp + fsync + rename): the commit marker
   4. ``<run>/latest`` (temp + fsync + rename), only if this is the newest step
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -29,7 +33,8 @@ import crc32c
 from ..errors import SaveError
 from ..storage.local import fsync_dir
 
-_CHUNK = 64 << 20
+_CHUNK = 64 << 20  # CRC pieces
+_WRITE_CHUNK = 8 << 20  # write + start writeback
 _HASHERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptd-crc")
 
 
@@ -61,25 +66,70 @@ def write_file(
 ) -> int:
     """Write header + data (one view, or pieces in order) to ``path`` and fsync; returns the
     CRC32C of the whole file."""
+    fd, crc = _write_unsynced(path, header, data, progress)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return crc
+
+
+def _write_unsynced(
+    path: str,
+    header: bytes,
+    data: memoryview | list[memoryview],
+    progress: Callable[[int], None],
+) -> tuple[int, int]:
+    """Create ``path`` and write header + data, with the disk already writing behind; returns
+    (the open fd, which the caller must fsync and close; the CRC32C of the file).
+
+    Each chunk's writeback starts as soon as it is written (``sync_file_range``), so the disk
+    works while the rest is still being copied into the page cache and the final fsync only
+    waits for the tail: the same bytes become durable sooner than with write-all-then-fsync.
+    """
     pieces = data if isinstance(data, list) else [data]
     crc_future = _HASHERS.submit(_crc_of, header, pieces)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, memoryview(header))
+            at = _write_all(fd, memoryview(header))
             for piece in pieces:
                 pos = 0
                 while pos < len(piece):
-                    n = _write_all(fd, piece[pos : pos + _CHUNK])
+                    n = _write_all(fd, piece[pos : pos + _WRITE_CHUNK])
+                    _start_writeback(fd, at, n)
                     pos += n
+                    at += n
                     progress(n)
-            os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
     finally:
         # The hasher reads the same shared memory: it must be done before the caller unmaps.
         concurrent.futures.wait([crc_future])
-    return crc_future.result()
+    return fd, crc_future.result()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing this range to disk now, without waiting for it.
+    A hint: where it is missing or fails, the fsync that follows does all the work."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _crc_of(header: bytes, pieces: list[memoryview]) -> int:
@@ -131,12 +181,25 @@ def write_staged(
     """Step 1: every data file into ``<tag>.partial``. Returns (partial dir, file records)."""
     partial = _fresh_partial(root, run, tag)
     records: dict[str, dict[str, Any]] = {}
-    for f in files:
-        crc = write_file(os.path.join(partial, f.name), f.header, f.views(slot), progress)
-        records[f.name] = {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
-    for name, data in inline.items():
-        crc = write_file(os.path.join(partial, name), b"", memoryview(data), progress)
-        records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
+    fds: list[int] = []
+    try:
+        # Every file is written before any is fsynced: one file's writeback overlaps the next
+        # file's copy, and the fsyncs at the end mostly find their data on disk already.
+        for f in files:
+            fd, crc = _write_unsynced(
+                os.path.join(partial, f.name), f.header, f.views(slot), progress
+            )
+            fds.append(fd)
+            records[f.name] = {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
+        for name, data in inline.items():
+            fd, crc = _write_unsynced(os.path.join(partial, name), b"", memoryview(data), progress)
+            fds.append(fd)
+            records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
     return partial, records
 
 
