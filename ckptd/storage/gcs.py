@@ -2,9 +2,11 @@
 
 gcloud-aio-storage serves listing, downloads, deletes and small objects. Big files go through the
 chunked resumable protocol, driven over aiohttp here, because gcloud-aio's own resumable upload
-sends the whole stream in one PUT, restarts from zero on error and keeps no session URI. Chunks are
-multiples of 256 KiB read straight from the file, one in flight, so memory stays at one chunk; the
-session URI and the confirmed offset go into the journal so that a restarted daemon resumes.
+sends the whole stream in one PUT, restarts from zero on error and keeps no session URI. Each
+request carries up to ``chunk_size`` bytes (a multiple of 256 KiB; 128 MiB by default), streamed
+from the file in 4 MiB pieces, the next piece read while the last is sent: memory stays at two
+pieces whatever the request size, and a file takes few round trips. The session URI and the
+confirmed offset go into the journal after each request so that a restarted daemon resumes.
 
 Checksums: the manifest's CRC32C is declared when the upload starts (``crc32c`` in the object
 resource), so GCS refuses to finalize an object whose bytes do not match it; we also track the
@@ -24,7 +26,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -61,7 +63,9 @@ T = TypeVar("T")
 
 MiB = 1 << 20
 CHUNK_QUANTUM = 256 << 10  # every chunk but the last must be a multiple of this
-DEFAULT_CHUNK_SIZE = 16 * MiB
+DEFAULT_CHUNK_SIZE = 128 * MiB  # bytes per request of a resumable upload (streamed)
+SMALL_OBJECT_MAX = 16 * MiB  # up to this, one request from memory; also the download range
+_PIECE = 4 * MiB  # what a request body reads from the file at a time
 
 NO_CREDENTIALS = (
     "no GCP credentials found: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key, "
@@ -139,8 +143,11 @@ class GCSStore(Store):
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.chunk_size = chunk_size
         self.resumable_threshold = (
-            chunk_size if resumable_threshold is None else resumable_threshold
+            min(chunk_size, SMALL_OBJECT_MAX)
+            if resumable_threshold is None
+            else resumable_threshold
         )
+        self.download_chunk = min(chunk_size, SMALL_OBJECT_MAX)  # x max_concurrency in memory
         self.max_concurrency = max_concurrency
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._op_timeout = int(connect_timeout + read_timeout)
@@ -357,7 +364,7 @@ class GCSStore(Store):
         await download_ranges(
             path,
             total,
-            self.chunk_size,
+            self.download_chunk,
             self.max_concurrency,
             self._slots,
             lambda start, end: self._retry(lambda: self._get_range(full, start, end, what), what),
@@ -544,12 +551,17 @@ class _ResumableUpload:
             self.offset = None  # after any failure, the server says where to resume
             raise
 
-    async def _put(self, headers: dict[str, str], data: bytes, what: str) -> dict[str, Any] | int:
+    async def _put(
+        self, headers: dict[str, str], data: bytes | AsyncIterator[bytes], what: str
+    ) -> dict[str, Any] | int:
         """PUT to the session URI: the object (final), or the offset the server has (308)."""
         headers = {**(await self.s._auth()), **headers}
         assert self.s._session is not None
         with _errors(what):
-            async with self.s._session.put(self.session_uri, data=data, headers=headers) as resp:
+            # 308 is the protocol's "resume incomplete", not a redirect to follow
+            async with self.s._session.put(
+                self.session_uri, data=data, headers=headers, allow_redirects=False
+            ) as resp:
                 text = await resp.text()
                 if resp.status == 308:
                     rng = resp.headers.get("Range")  # "bytes=0-N"; absent means nothing yet
@@ -591,21 +603,22 @@ class _ResumableUpload:
         if offset != self.crc_upto:
             await self._advance_to(offset)
         length = min(self.s.chunk_size, self.size - offset)
-        data, c = await asyncio.to_thread(read_range_crc, self.path, offset, length)
-        if len(data) != length:
-            raise IntegrityError(f"{self.path} shrank during upload")
-        running = crc32c_combine(self.crc_val, c, length)
-        last = offset + length == self.size
-        if last and running != self.crc:
-            raise IntegrityError(
-                f"{self.path} changed during upload: crc32c {running:08x}, "
-                f"the manifest says {self.crc:08x}"
+        body = _FileBody(self, offset, length)
+        try:
+            got = await self._put(
+                {
+                    "Content-Range": f"bytes {offset}-{offset + length - 1}/{self.size}",
+                    "Content-Length": str(length),  # a stream of known size: not chunked
+                },
+                body.stream(),
+                f"{self.what}: bytes {offset}-{offset + length - 1}",
             )
-        got = await self._put(
-            {"Content-Range": f"bytes {offset}-{offset + length - 1}/{self.size}"},
-            data,
-            f"{self.what}: bytes {offset}-{offset + length - 1}",
-        )
+        except StorageError:
+            if body.failure is not None:  # the body stopped itself: aiohttp reports a lost send
+                raise body.failure from None
+            raise
+        if body.failure is not None:
+            raise body.failure
         self.s.stats["chunks_uploaded"] += 1
         if isinstance(got, dict):
             if self.progress and self.size > self.reported:
@@ -613,7 +626,7 @@ class _ResumableUpload:
                 self.reported = self.size
             return got
         if got == offset + length:
-            self.crc_upto, self.crc_val = got, running
+            self.crc_upto, self.crc_val = got, body.crc
         await self._advance_to(got)
         return None
 
@@ -625,3 +638,49 @@ class _ResumableUpload:
             headers = await self.s._auth()
             async with self.s._session.delete(session_uri, headers=headers) as resp:
                 await resp.read()
+
+
+class _FileBody:
+    """One request's bytes, read from the file while they are sent, with their running CRC32C.
+
+    Before the file's last piece goes out, the CRC32C of everything sent must equal the
+    manifest's: a file that changed is never finalized (emulators ignore the declared crc32c).
+    A failure stops the stream; aiohttp reports that as a lost connection, so it is kept in
+    ``failure`` for the caller to raise instead.
+    """
+
+    def __init__(self, up: _ResumableUpload, offset: int, length: int) -> None:
+        self.up = up
+        self.offset = offset
+        self.end = offset + length
+        self.crc = up.crc_val  # CRC32C of the file up to ``offset``, then up to what was read
+        self.failure: IntegrityError | None = None
+
+    def _read(self, pos: int) -> asyncio.Future[tuple[bytes, int]]:
+        n = min(_PIECE, self.end - pos)
+        return asyncio.ensure_future(asyncio.to_thread(read_range_crc, self.up.path, pos, n))
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        pos = self.offset
+        pending = self._read(pos)
+        try:
+            while pos < self.end:
+                data, c = await pending
+                n = min(_PIECE, self.end - pos)
+                if len(data) != n:
+                    self.failure = IntegrityError(f"{self.up.path} shrank during upload")
+                    raise self.failure
+                self.crc = crc32c_combine(self.crc, c, n)
+                pos += n
+                if pos < self.end:
+                    pending = self._read(pos)  # read ahead while this piece is sent
+                elif self.end == self.up.size and self.crc != self.up.crc:
+                    self.failure = IntegrityError(
+                        f"{self.up.path} changed during upload: crc32c {self.crc:08x}, "
+                        f"the manifest says {self.up.crc:08x}"
+                    )
+                    raise self.failure
+                yield data
+        finally:
+            if not pending.done():
+                pending.cancel()

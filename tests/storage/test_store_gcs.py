@@ -139,3 +139,25 @@ async def test_check_access(gcs: GCSStore, gcs_bucket: str, gcs_proxy: FaultProx
         await missing.check_access()
     assert missing.retries == 0
     await missing.close()
+
+
+async def test_requests_stream_the_file_in_pieces(gcs_bucket: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A request body is read piece by piece while it is sent; a change anywhere in the file
+    stops the last request before the object is finalized."""
+    from ckptd.storage import gcs as gcs_module
+
+    monkeypatch.setattr(gcs_module, "_PIECE", 64 * KiB)
+    st = _store(gcs_bucket, chunk_size=4 * CHUNK)  # 16 pieces per request
+    try:
+        path, data, crc = _file(tmp_path, 9 * CHUNK + 123)
+        await st.put_file("r/w.bin", path, size=len(data), crc32c=crc)
+        assert st.stats["chunks_uploaded"] == 3 and st.stats["sessions"] == 1
+        assert await st.get_bytes("r/w.bin") == data
+        with open(path, "r+b") as f:  # changed inside the second request's body
+            f.seek(5 * CHUNK + 3)
+            f.write(bytes([data[5 * CHUNK + 3] ^ 0xFF]))
+        with pytest.raises(IntegrityError, match="changed during upload"):
+            await st.put_file("r/changed.bin", path, size=len(data), crc32c=crc)
+        assert [o.key for o in await st.list("r/")] == ["r/w.bin"]
+    finally:
+        await st.close()
