@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 poll_interval=args.preemption_poll,
             ),
         )
+        nice = args.nice if args.nice is not None else _env_nice()
         if cfg.store:
             from .storage import open_store
 
@@ -82,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return 2
+
+    _lower_priority(nice)
 
     async def main() -> int:
         return await Daemon(cfg).run()
@@ -91,6 +94,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except CkptdError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return 1
+
+
+def _env_nice() -> int:
+    raw = os.environ.get("CKPTD_NICE") or "10"
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"CKPTD_NICE must be an integer, not {raw!r}") from None
+
+
+def _lower_priority(nice: int) -> None:
+    """Let the training processes have the CPU first: a save wakes the daemon's writer and
+    checksum threads exactly when the loop resumes, and on a busy node they would take its
+    cores. Idle CPU is still the daemon's, so commits and uploads are as fast as before."""
+    if nice <= 0:
+        return
+    try:
+        now = os.nice(nice)
+    except OSError as e:
+        log.warning("could not lower the daemon's CPU priority (nice +%d): %s", nice, e)
+        return
+    log.info("running at nice %d: training processes get the CPU first", now)
 
 
 # ---- talking to a running daemon -------------------------------------------------------------------
@@ -387,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="when uploading elsewhere, keep only the newest N checkpoints in the root "
         "(only copies whose upload is verified are deleted; default: keep all)",
+    )
+    s.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="lower the daemon's CPU priority by N, so the training loop gets the CPU first "
+        "(default: $CKPTD_NICE, else 10; 0 keeps it)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -85,3 +85,15 @@ def test_store_verbs(daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_env_vars_select_socket(daemon) -> None:  # type: ignore[no-untyped-def]
     out = ckptd("status", env={"CKPTD_SOCKET": daemon.socket})
     assert out.returncode == 0 and daemon.socket in out.stdout
+
+
+def test_serve_yields_the_cpu_to_training(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The daemon runs at a lower CPU priority (``--nice``, default 10), so a save's writer and
+    checksum threads do not take the loop's cores; a bad ``CKPTD_NICE`` is a usage error."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    d = make_daemon(args=["--nice", "3"])
+    assert d.proc is not None
+    assert os.getpriority(os.PRIO_PROCESS, d.proc.pid) == min(base + 3, 19)
+    assert f"running at nice {min(base + 3, 19)}" in d.log_text()
+    out = ckptd("serve", "--root", d.root, "--socket", d.socket + "x", env={"CKPTD_NICE": "low"})
+    assert out.returncode == 2 and "CKPTD_NICE must be an integer" in out.stderr
