@@ -313,7 +313,10 @@ def _plain_state(module: torch.nn.Module) -> dict[str, Any] | None:
                 return False
         return True
 
-    return out if walk(module, "") else None
+    try:
+        return out if walk(module, "") else None
+    except AttributeError:  # e.g. a module unpickled from an older torch: let state_dict cope
+        return None
 
 
 def _split_state(
@@ -474,6 +477,8 @@ def _plain_optim_state(opt: torch.optim.Optimizer, cache: PlanCache) -> dict[str
             mapping.update({pid: n for n, pid in enumerate(g_ids, start) if pid not in mapping})
             packed.append([mapping[pid] for pid in g_ids])
         known = (ids, mapping, packed)
+        if len(cache.optim_ids) > 16:  # optimizers re-created over a run: keep no old numberings
+            cache.optim_ids.clear()
         cache.optim_ids[id(opt)] = known
     mapping, packed = known[1], known[2]
     state = {
