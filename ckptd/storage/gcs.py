@@ -64,7 +64,7 @@ T = TypeVar("T")
 MiB = 1 << 20
 CHUNK_QUANTUM = 256 << 10  # every chunk but the last must be a multiple of this
 DEFAULT_CHUNK_SIZE = 128 * MiB  # bytes per request of a resumable upload (streamed)
-SMALL_OBJECT_MAX = 16 * MiB  # up to this, one request from memory; also the download range
+SMALL_OBJECT_MAX = 16 * MiB  # up to this, one request from memory (see GCSStore.read_size)
 _PIECE = 4 * MiB  # what a request body reads from the file at a time
 
 NO_CREDENTIALS = (
@@ -142,12 +142,12 @@ class GCSStore(Store):
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.chunk_size = chunk_size
+        # The most read into memory at once (x max_concurrency): a small object, a download
+        # range, the CRC32C catch-up after a resume. Streamed requests hold only two pieces.
+        self.read_size = min(chunk_size, SMALL_OBJECT_MAX)
         self.resumable_threshold = (
-            min(chunk_size, SMALL_OBJECT_MAX)
-            if resumable_threshold is None
-            else resumable_threshold
+            self.read_size if resumable_threshold is None else resumable_threshold
         )
-        self.download_chunk = min(chunk_size, SMALL_OBJECT_MAX)  # x max_concurrency in memory
         self.max_concurrency = max_concurrency
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._op_timeout = int(connect_timeout + read_timeout)
@@ -364,7 +364,7 @@ class GCSStore(Store):
         await download_ranges(
             path,
             total,
-            self.download_chunk,
+            self.read_size,
             self.max_concurrency,
             self._slots,
             lambda start, end: self._retry(lambda: self._get_range(full, start, end, what), what),
@@ -589,7 +589,7 @@ class _ResumableUpload:
         if offset < self.crc_upto:
             self.crc_upto = self.crc_val = 0
         while self.crc_upto < offset:
-            n = min(self.s.chunk_size, offset - self.crc_upto)
+            n = min(self.s.read_size, offset - self.crc_upto)
             _, c = await asyncio.to_thread(read_range_crc, self.path, self.crc_upto, n)
             self.crc_val = crc32c_combine(self.crc_val, c, n)
             self.crc_upto += n
