@@ -23,17 +23,16 @@ import ctypes
 import json
 import os
 import shutil
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import crc32c
 
+from ..atomic import fsync_dir, temp_name, write_atomic
 from ..errors import SaveError
-from ..storage.local import fsync_dir
+from .lease import BytesSource, Source
 
-_CHUNK = 64 << 20  # CRC pieces
 _WRITE_CHUNK = 8 << 20  # write + start writeback
 _HASHERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptd-crc")
 
@@ -48,10 +47,10 @@ class StagedFile:
     """(offset, size) pieces of the slot, in file order, when the data section is not one run:
     a DCP rank writes a subset of what it staged, and gathering beats a second copy."""
 
-    def views(self, slot: memoryview) -> list[memoryview]:
+    def pieces(self) -> list[tuple[int, int]]:
         if self.segments is None:
-            return [slot[self.offset : self.offset + self.size]]
-        return [slot[o : o + n] for o, n in self.segments]
+            return [(self.offset, self.size)]
+        return list(self.segments)
 
 
 def crc_hex(value: int) -> str:
@@ -61,12 +60,13 @@ def crc_hex(value: int) -> str:
 def write_file(
     path: str,
     header: bytes,
-    data: memoryview | list[memoryview],
+    source: Source,
+    pieces: list[tuple[int, int]],
     progress: Callable[[int], None],
 ) -> int:
-    """Write header + data (one view, or pieces in order) to ``path`` and fsync; returns the
-    CRC32C of the whole file."""
-    fd, crc = _write_unsynced(path, header, data, progress)
+    """Write header + the source's pieces, in order, to ``path`` and fsync; returns the CRC32C
+    of the whole file."""
+    fd, crc = _write_unsynced(path, header, source, pieces, progress)
     try:
         os.fsync(fd)
     finally:
@@ -74,40 +74,66 @@ def write_file(
     return crc
 
 
+def _chunks(pieces: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for offset, size in pieces:
+        for pos in range(0, size, _WRITE_CHUNK):
+            yield offset + pos, min(_WRITE_CHUNK, size - pos)
+
+
+def _fill(source: Source, buf: bytearray, offset: int, n: int, crc: int) -> int:
+    view = memoryview(buf)[:n]
+    try:
+        source.read_into(offset, view)
+        return crc32c.crc32c(view, crc)  # type: ignore[no-any-return]
+    finally:
+        view.release()
+
+
 def _write_unsynced(
     path: str,
     header: bytes,
-    data: memoryview | list[memoryview],
+    source: Source,
+    pieces: list[tuple[int, int]],
     progress: Callable[[int], None],
 ) -> tuple[int, int]:
     """Create ``path`` and write header + data, with the disk already writing behind; returns
     (the open fd, which the caller must fsync and close; the CRC32C of the file).
 
-    Each chunk's writeback starts as soon as it is written (``sync_file_range``), so the disk
-    works while the rest is still being copied into the page cache and the final fsync only
-    waits for the tail: the same bytes become durable sooner than with write-all-then-fsync.
+    Each chunk is copied out of the source into one of two buffers of the daemon's own and
+    checksummed there by a helper thread while the other buffer is being written, so the bytes
+    checksummed are exactly the bytes written, whatever the client does to its memory meanwhile.
+    Each chunk's writeback starts as soon as it is written (``sync_file_range``), so the final
+    fsync only waits for the tail.
     """
-    pieces = data if isinstance(data, list) else [data]
-    crc_future = _HASHERS.submit(_crc_of, header, pieces)
+    crc = crc32c.crc32c(header)
+    chunks = _chunks(pieces)
+    first = next(chunks, None)
+    biggest = min(_WRITE_CHUNK, max((n for _, n in pieces), default=0))
+    bufs = [bytearray(biggest), bytearray(biggest)] if first else []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    pending: concurrent.futures.Future[int] | None = None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            at = _write_all(fd, memoryview(header))
-            for piece in pieces:
-                pos = 0
-                while pos < len(piece):
-                    n = _write_all(fd, piece[pos : pos + _WRITE_CHUNK])
-                    _start_writeback(fd, at, n)
-                    pos += n
-                    at += n
-                    progress(n)
-        except BaseException:
-            os.close(fd)
-            raise
-    finally:
-        # The hasher reads the same shared memory: it must be done before the caller unmaps.
-        concurrent.futures.wait([crc_future])
-    return fd, crc_future.result()
+        at = _write_all(fd, memoryview(header))
+        if first is not None:
+            pending = _HASHERS.submit(_fill, source, bufs[0], first[0], first[1], crc)
+        current, i = first, 0
+        while current is not None and pending is not None:
+            crc = pending.result()
+            pending = None
+            nxt = next(chunks, None)
+            if nxt is not None:  # read the next chunk while this one is written
+                pending = _HASHERS.submit(_fill, source, bufs[(i + 1) % 2], nxt[0], nxt[1], crc)
+            n = _write_all(fd, memoryview(bufs[i % 2])[: current[1]])
+            _start_writeback(fd, at, n)
+            at += n
+            progress(n)
+            current, i = nxt, i + 1
+    except BaseException:
+        if pending is not None:
+            concurrent.futures.wait([pending])
+        os.close(fd)
+        raise
+    return fd, crc
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -130,14 +156,6 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     A hint: where it is missing or fails, the fsync that follows does all the work."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
-def _crc_of(header: bytes, pieces: list[memoryview]) -> int:
-    value = crc32c.crc32c(header)
-    for data in pieces:
-        for pos in range(0, len(data), _CHUNK):
-            value = crc32c.crc32c(data[pos : pos + _CHUNK], value)
-    return value
 
 
 def _write_all(fd: int, view: memoryview) -> int:
@@ -175,10 +193,11 @@ def write_staged(
     tag: str,
     files: list[StagedFile],
     inline: dict[str, bytes],
-    slot: memoryview,
+    slot: Source,
     progress: Callable[[int], None],
 ) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Step 1: every data file into ``<tag>.partial``. Returns (partial dir, file records)."""
+    """Step 1: every data file into ``<tag>.partial``. Returns (partial dir, file records).
+    On any error the partial directory is removed."""
     partial = _fresh_partial(root, run, tag)
     records: dict[str, dict[str, Any]] = {}
     fds: list[int] = []
@@ -187,42 +206,25 @@ def write_staged(
         # file's copy, and the fsyncs at the end mostly find their data on disk already.
         for f in files:
             fd, crc = _write_unsynced(
-                os.path.join(partial, f.name), f.header, f.views(slot), progress
+                os.path.join(partial, f.name), f.header, slot, f.pieces(), progress
             )
             fds.append(fd)
             records[f.name] = {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
         for name, data in inline.items():
-            fd, crc = _write_unsynced(os.path.join(partial, name), b"", memoryview(data), progress)
+            fd, crc = _write_unsynced(
+                os.path.join(partial, name), b"", BytesSource(data), [(0, len(data))], progress
+            )
             fds.append(fd)
             records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
         for fd in fds:
             os.fsync(fd)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         for fd in fds:
             os.close(fd)
     return partial, records
-
-
-def write_staged_safely(
-    *args: Any,
-) -> tuple[str | None, dict[str, dict[str, Any]], Exception | None]:
-    """``write_staged`` that returns its error instead of raising it.
-
-    A raised error's traceback would keep slices of the shared-memory view alive in its frames,
-    and the caller could then not unmap the slot. The returned error carries no traceback.
-    """
-    err: Exception
-    try:
-        partial, records = write_staged(*args)
-    except OSError as e:
-        err = OSError(e.errno, e.strerror, e.filename)
-    except SaveError as e:
-        err = SaveError(str(e))
-    else:
-        return partial, records, None
-    final = checkpoint_dir(args[0], args[1], args[2])
-    shutil.rmtree(final + ".partial", ignore_errors=True)
-    return None, {}, err
 
 
 def parts_dir(root: str, run: str, tag: str) -> str:
@@ -232,31 +234,23 @@ def parts_dir(root: str, run: str, tag: str) -> str:
 
 
 def write_part(
-    root: str, run: str, tag: str, f: StagedFile, slot: memoryview, progress: Callable[[int], None]
+    root: str, run: str, tag: str, f: StagedFile, slot: Source, progress: Callable[[int], None]
 ) -> tuple[str, dict[str, Any]]:
     """One rank's file of a sharded checkpoint: temp name, fsync, rename. Returns (path, record)."""
     _refuse_existing(root, run, tag)
     directory = parts_dir(root, run, tag)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f.name)
-    tmp = path + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    crc = write_file(tmp, f.header, f.views(slot), progress)
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        crc = write_file(tmp, f.header, slot, f.pieces(), progress)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     fsync_dir(directory)
     return path, {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
-
-
-def write_part_safely(*args: Any) -> tuple[str | None, dict[str, Any], Exception | None]:
-    """``write_part`` returning its error without a traceback (see ``write_staged_safely``)."""
-    try:
-        path, record = write_part(*args)
-    except OSError as e:
-        return None, {}, OSError(e.errno, e.strerror, e.filename)
-    except SaveError as e:
-        return None, {}, SaveError(str(e))
-    return path, record, None
 
 
 def assemble_parts(
@@ -286,7 +280,9 @@ def assemble_parts(
     for name in parts:
         os.rename(os.path.join(src, name), os.path.join(partial, name))
     for name, data in inline.items():
-        crc = write_file(os.path.join(partial, name), b"", memoryview(data), lambda n: None)
+        crc = write_file(
+            os.path.join(partial, name), b"", BytesSource(data), [(0, len(data))], lambda n: None
+        )
         records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
     shutil.rmtree(src, ignore_errors=True)
     return partial, records
@@ -298,20 +294,12 @@ def commit(partial: str, manifest: dict[str, Any]) -> str:
     fsync_dir(partial)
     os.rename(partial, final)
     fsync_dir(os.path.dirname(final))
-    write_atomic(os.path.join(final, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
-    return final
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        _write_all(fd, memoryview(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+        write_atomic(os.path.join(final, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
+    except BaseException:  # e.g. the disk filled: leave nothing that looks like a checkpoint
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    return final
 
 
 def update_latest(root: str, run: str, tag: str) -> None:
