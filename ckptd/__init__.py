@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AlreadyExistsError,
     CkptdError,
     ConfigError,
     DaemonUnavailableError,
@@ -19,6 +20,7 @@ from .errors import (
     NotFoundError,
     PermanentStorageError,
     ProtocolError,
+    RestoreError,
     SaveError,
     SerializationError,
     StorageError,
@@ -62,6 +64,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AlreadyExistsError",
     "Backpressure",
     "Checkpointer",
     "CkptdError",
@@ -72,6 +75,7 @@ __all__ = [
     "NotFoundError",
     "PermanentStorageError",
     "ProtocolError",
+    "RestoreError",
     "SaveError",
     "SaveHandle",
     "SerializationError",

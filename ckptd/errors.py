@@ -6,6 +6,9 @@
     ├── DaemonUnavailableError  no daemon on the socket, or the connection to it was lost
     ├── ProtocolError           a malformed, truncated or oversized message on the socket
     ├── SaveError               the daemon could not commit or upload a checkpoint
+    ├── AlreadyExistsError      the tag (or object) exists and is never overwritten (also a
+    │                           FileExistsError)
+    ├── RestoreError            a DDP broadcast restore failed on the saving rank
     ├── IntegrityError          a file does not match its manifest (size or checksum), or is torn
     ├── NotFoundError           no such checkpoint, object or run (also a FileNotFoundError)
     └── StorageError            an object store operation failed
@@ -43,6 +46,10 @@ class SaveError(CkptdError):
     """The daemon failed to commit or upload a checkpoint."""
 
 
+class AlreadyExistsError(CkptdError, FileExistsError):
+    """The checkpoint or object exists already; ckptd never overwrites committed data."""
+
+
 class RestoreError(CkptdError):
     """In a DDP broadcast restore, the saving rank failed; raised on the other ranks."""
 
@@ -68,6 +75,7 @@ class PermanentStorageError(StorageError):
 
 
 __all__ = [
+    "AlreadyExistsError",
     "CkptdError",
     "ConfigError",
     "DaemonUnavailableError",
@@ -75,6 +83,7 @@ __all__ = [
     "NotFoundError",
     "PermanentStorageError",
     "ProtocolError",
+    "RestoreError",
     "SaveError",
     "SerializationError",
     "StorageError",

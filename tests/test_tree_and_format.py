@@ -24,9 +24,9 @@ from tests.helpers import Net, bitwise_equal
 def test_public_names_are_pinned() -> None:
     assert sorted(ckptd.__all__) == sorted(
         [
-            "Backpressure", "Checkpointer", "CkptdError", "ConfigError", "DaemonUnavailableError",
-            "Experiment", "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "SaveError",
-            "SaveHandle", "SerializationError", "StorageError", "TransientStorageError",
+            "AlreadyExistsError", "Backpressure", "Checkpointer", "CkptdError", "ConfigError", "DaemonUnavailableError",
+            "Experiment", "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "RestoreError",
+            "SaveError", "SaveHandle", "SerializationError", "StorageError", "TransientStorageError",
             "__version__", "attach", "list_checkpoints", "load", "load_config", "verify",
         ]
     )  # fmt: skip

@@ -17,9 +17,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import NotFoundError
+from ..atomic import write_atomic
+from ..errors import AlreadyExistsError, NotFoundError
 from ..storage import Store, join_key
-from .commit import checkpoint_dir, write_atomic
+from ..storage.base import run_all
+from .commit import checkpoint_dir
 
 log = logging.getLogger("ckptd.upload")
 
@@ -82,7 +84,12 @@ async def upload_checkpoint(
     progress: Callable[[int], None],
     with_retries: Callable[..., Any],
 ) -> None:
-    """Upload one committed checkpoint; raises a StorageError subclass when it cannot."""
+    """Upload one committed checkpoint; raises a StorageError subclass when it cannot.
+
+    Never overwrites: if the store already holds a manifest for this tag that is not this
+    checkpoint's (another machine's run of the same name), nothing is uploaded and
+    ``AlreadyExistsError`` says so; the manifest itself is written create-only.
+    """
     ck = checkpoint_dir(root, run, tag)
     try:
         with open(os.path.join(ck, "MANIFEST.json"), "rb") as f:
@@ -91,6 +98,12 @@ async def upload_checkpoint(
         raise NotFoundError(f"checkpoint {run}@{tag} is not committed locally") from e
     manifest = json.loads(manifest_bytes)
     prefix = join_key(run, "checkpoints", tag)
+    manifest_key = join_key(prefix, "MANIFEST.json")
+    if await remote_manifest_differs(store, manifest_key, manifest_bytes, with_retries):
+        raise AlreadyExistsError(
+            f"checkpoint {run}@{tag} already exists in {store.url} (another run of the same "
+            "name saved it); it is never overwritten, so this one stays local only"
+        )
     jdir = journal_dir(root, run, tag)
     os.makedirs(jdir, exist_ok=True)
     sem = asyncio.Semaphore(file_concurrency)
@@ -109,13 +122,31 @@ async def upload_checkpoint(
                 what=f"upload {run}@{tag}/{name}",
             )
 
-    # Largest first, so the long pole starts early.
+    # Largest first, so the long pole starts early. A failed file cancels its siblings before
+    # anything is retried, so no two uploads of one key (and its journal) ever overlap.
     files = sorted(manifest["files"].items(), key=lambda kv: -int(kv[1]["size"]))
-    await asyncio.gather(*(one(n, r) for n, r in files))
-    await with_retries(
-        lambda: store.put_bytes(join_key(prefix, "MANIFEST.json"), manifest_bytes),
-        what=f"upload {run}@{tag}/MANIFEST.json",
-    )
+    await run_all([one(n, r) for n, r in files])
+    try:
+        await with_retries(
+            lambda: store.put_bytes(manifest_key, manifest_bytes, if_absent=True),
+            what=f"upload {run}@{tag}/MANIFEST.json",
+        )
+    except AlreadyExistsError:
+        # Our own earlier attempt (its reply lost, or a crash after it) is success; anything
+        # else means another writer committed the tag meanwhile.
+        if await remote_manifest_differs(store, manifest_key, manifest_bytes, with_retries):
+            raise
+
+
+async def remote_manifest_differs(
+    store: Store, key: str, ours: bytes, with_retries: Callable[..., Any]
+) -> bool:
+    """Whether the store holds a manifest at ``key`` other than ``ours``."""
+    try:
+        theirs = await with_retries(lambda: store.get_bytes(key), what=f"check {key}")
+    except NotFoundError:
+        return False
+    return bool(theirs != ours)
 
 
 async def update_remote_latest(

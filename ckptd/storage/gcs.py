@@ -37,6 +37,7 @@ from gcloud.aio.storage import Storage
 from gcloud.aio.storage.storage import SCOPES, init_api_root
 
 from ..errors import (
+    AlreadyExistsError,
     ConfigError,
     IntegrityError,
     NotFoundError,
@@ -87,7 +88,7 @@ def _unb64crc(value: str) -> int:
 
 def _status_error(status: int, text: str) -> BaseException:
     if status == 412:
-        return FileExistsError(text)
+        return AlreadyExistsError(text)
     if status == 404:
         return NotFoundError(text)
     if status in (408, 429) or status >= 500:

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import crc32c as _crc32c
 
-from ..errors import ConfigError, IntegrityError, NotFoundError
+from ..errors import AlreadyExistsError, ConfigError, IntegrityError, NotFoundError
 from .base import ObjectInfo, ProgressFn, Store
 
 _CHUNK = 8 << 20
@@ -79,7 +79,7 @@ class MemoryStore(Store):
 
     async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         if if_absent and key in self._objects:
-            raise FileExistsError(f"{self.url}/{key}")
+            raise AlreadyExistsError(f"{self.url}/{key}")
         self._objects[key] = bytes(data)
 
     async def get_bytes(

@@ -41,6 +41,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import (
+    AlreadyExistsError,
     ConfigError,
     IntegrityError,
     NotFoundError,
@@ -119,7 +120,7 @@ def _translate(e: BaseException, what: str) -> BaseException | None:
         if code == "NoSuchBucket":
             return PermanentStorageError(f"{what}: the bucket does not exist")
         if status == 412 or code == "PreconditionFailed":
-            return FileExistsError(text)
+            return AlreadyExistsError(text)
         if code in _NOT_FOUND_CODES or status == 404:
             return NotFoundError(text)
         if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
