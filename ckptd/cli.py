@@ -62,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file_concurrency=args.file_concurrency,
             drain_timeout=args.drain_timeout,
             check_store=not args.no_check_store,
+            group=args.group,
             retention=Retention(
                 keep_last=args.keep_last,
                 keep_every=args.keep_every,
@@ -252,9 +253,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .catalog import copy_checkpoint, split_tag
+    from .catalog import check_dest, copy_checkpoint, split_tag
 
     url, tag = split_tag(args.url)
+    try:
+        check_dest(args.dest)  # the operation cannot be done as asked: 1, not a usage error
+    except ConfigError as e:
+        print(f"ckptd restore: {e}", file=sys.stderr)
+        return 1
     loc = copy_checkpoint(url, tag, args.dest)
     print(f"restored {loc.url}@{loc.tag} (step {loc.manifest.get('step')}) into {args.dest}")
     return 0
@@ -420,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="lower the daemon's CPU priority by N, so the training loop gets the CPU first "
         "(default: $CKPTD_NICE, else 10; 0 keeps it)",
+    )
+    s.add_argument(
+        "--group",
+        default=None,
+        metavar="GROUP",
+        help="share the socket, root and files with this group (mode 0660/0750; clients of "
+        "other users set CKPTD_DAEMON_USER to this daemon's user). Default: owner-only",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -36,6 +36,23 @@ from .stager import Fence, Stager
 log = logging.getLogger("ckptd.client")
 
 
+def _check_metrics(metrics: Any) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise ConfigError(
+            f"metrics must be a dict of names to numbers, not {type(metrics).__name__}"
+        )
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"metrics must map names to numbers; {k!r}: {v!r} is not")
+        out[k] = float(v)
+    return out
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Planning allocates thousands of small objects; a cyclic GC pass in the middle of it
@@ -70,6 +87,7 @@ class SaveHandle:
         self.files: dict[str, Any] = {}  # name -> {size, crc32c}, as the daemon wrote them
         self._state = "staged"
         self._error: BaseException | None = None
+        self._reported = False  # its failure was raised to the caller once
         self._cv = threading.Condition()
 
     @property
@@ -105,6 +123,7 @@ class SaveHandle:
     def check(self) -> None:
         """Re-raise a background failure, without blocking."""
         if self._error is not None:
+            self._reported = True
             raise self._error
 
     def wait(self, until: str = "committed", timeout: float | None = None) -> SaveHandle:
@@ -198,6 +217,9 @@ class Checkpointer:
             )
         self.save_rank = save_rank
         self._told_other_rank = False
+        self._unreported: list[SaveHandle] = []  # failed before commit, not raised anywhere yet
+        self.resumed_step: int | None = None
+        """The step of the checkpoint ``restore`` loaded, None before (or for a new run)."""
         if self.saves:
             self._connect()
 
@@ -222,6 +244,9 @@ class Checkpointer:
             },
             timeout=self._timeout,
         )
+        if self.daemon_info.get("ev") == "error":
+            conn.close()
+            raise SaveError(f"the daemon refused this client: {self.daemon_info.get('error')}")
         if self.daemon_info.get("ev") != "welcome":
             raise DaemonUnavailableError(
                 f"unexpected answer from {self.socket_path}: {self.daemon_info}"
@@ -284,7 +309,11 @@ class Checkpointer:
             with self._lock:
                 self._handles.pop(sid, None)
         elif ev == "failed":
-            handle._fail(SaveError(str(msg.get("error"))))
+            error = SaveError(str(msg.get("error")))
+            if handle._state == "staged":  # never committed: the loop must hear of it
+                with self._lock:
+                    self._unreported.append(handle)
+            handle._fail(error)
             self._arena.release(index)
             with self._lock:
                 self._handles.pop(sid, None)
@@ -315,10 +344,19 @@ class Checkpointer:
         save_optim: bool = True,
         epoch: int | None = None,
         sample: int | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> SaveHandle:
-        """Stage a checkpoint and return at once; the daemon commits and uploads it."""
+        """Stage a checkpoint and return at once; the daemon commits and uploads it.
+
+        Raises the failure of an earlier save that could not be committed (its tag exists, the
+        daemon refused it) if nothing has reported it yet, so the loop hears of it in time.
+        ``metrics`` (names to numbers, e.g. ``{"val_loss": 0.31}``) go into the manifest, for
+        keep-best retention and for the meta that ``restore`` returns.
+        """
         if self._closed:
             raise ConfigError("this Checkpointer is closed")
+        self.check()
+        metrics = _check_metrics(metrics)
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative int, not {step!r}")
         tag = check_name(tag, "tag") if tag is not None else make_tag(step, epoch, sample)
@@ -363,6 +401,8 @@ class Checkpointer:
         sid = next(self._ids)
         handle = SaveHandle(tag, step)
         msg = self._request(sid, step, tag, plan, slot, epoch, sample)
+        if metrics:
+            msg["manifest"]["metrics"] = metrics
         with self._lock:
             self._handles[sid] = (handle, slot.index)
         if fence.is_async:
@@ -568,7 +608,7 @@ class Checkpointer:
             strict=strict, map_location=map_location,
         )  # fmt: skip
         if self.world_size == 1 or not broadcast or self.save_rank is None:
-            return self._restore_here(**kwargs)
+            return self._resumed(self._restore_here(**kwargs))
         from .ddp import broadcast_restored
 
         meta: dict[str, Any] | None = None
@@ -582,6 +622,11 @@ class Checkpointer:
         meta = broadcast_restored(self.save_rank, meta, all_models, all_optims)
         if failure is not None:
             raise failure
+        return self._resumed(meta)
+
+    def _resumed(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        if meta is not None and isinstance(step := meta.get("step"), int):
+            self.resumed_step = step
         return meta
 
     def _restore_here(self, **kwargs: Any) -> dict[str, Any] | None:
@@ -597,6 +642,18 @@ class Checkpointer:
                 join_key(store, self.run) if "://" in store else os.path.join(store, self.run)
             )
         return restore_into(urls, **kwargs)
+
+    def check(self) -> None:
+        """Raise the failure of an earlier save that was never committed and that no
+        ``wait()``/``check()`` of its handle has raised yet. Never blocks."""
+        with self._lock:
+            pending = [h for h in self._unreported if not h._reported]
+            self._unreported.clear()
+        if pending:
+            first = pending[0]
+            first._reported = True
+            more = f" (and {len(pending) - 1} later save(s))" if len(pending) > 1 else ""
+            raise SaveError(f"save {first.tag} failed{more}: {first._error}") from first._error
 
     def status(self) -> dict[str, Any]:
         return self._ensure_connected().request({"op": "status"})
@@ -619,6 +676,7 @@ class Checkpointer:
             return
         try:
             self.flush("committed")
+            self.check()
         finally:
             self._closed = True
             self._closing = True
@@ -649,17 +707,24 @@ def attach(
 ) -> Checkpointer:
     """The zero-line form: save ``model`` and ``optimizer`` every ``every`` optimizer steps.
 
-    Uses an optimizer step post-hook, so the training loop needs no change. ``extra``, if given, is
+    Uses an optimizer step post-hook, so the training loop needs no change. Steps count from the
+    checkpoint that ``restore()`` of the returned Checkpointer loaded. ``extra``, if given, is
     called at each save for plain data to store beside (e.g. scheduler and RNG states). Returns the
     ``Checkpointer``; call ``close()`` at the end (or use it as a context manager).
     """
     if not isinstance(every, int) or every < 1:
         raise ConfigError(f"every must be a positive int, not {every!r}")
     ckpt = Checkpointer(run, store=store, socket=socket, **kwargs)
-    steps = itertools.count(1)
+    done = {"steps": 0, "base": None}
 
     def post_step(opt: Any, args: Any, kw: Any) -> None:
-        n = next(steps)
+        # Steps count on from the checkpoint that restore() loaded, so a resumed run saves
+        # step-(resumed+every), not step-(every) again (which exists and would collide).
+        if done["base"] != ckpt.resumed_step:
+            done["base"] = ckpt.resumed_step
+            done["steps"] = ckpt.resumed_step or 0
+        done["steps"] += 1
+        n = done["steps"]
         if n % every == 0 and not ckpt._closed:
             ckpt.save(n, model=model, optimizer=optimizer, extra=extra() if extra else None)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
+import pwd
 import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +18,37 @@ from .errors import DaemonUnavailableError, ProtocolError
 from .protocol import FrameReader, encode
 
 log = logging.getLogger("ckptd.client")
+
+
+def trusted_uids() -> set[int]:
+    """Whom a client hands its state to: itself, root (who can read it anyway), and the users
+    named in ``$CKPTD_DAEMON_USER`` (names or uids, comma-separated: a daemon that runs as its own
+    user under systemd)."""
+    uids = {os.getuid(), 0}
+    for item in filter(
+        None, (x.strip() for x in os.environ.get("CKPTD_DAEMON_USER", "").split(","))
+    ):
+        if item.isdigit():
+            uids.add(int(item))
+            continue
+        try:
+            uids.add(pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            log.warning("CKPTD_DAEMON_USER names %r, which is no user here", item)
+    return uids
+
+
+def check_peer(sock: socket.socket, path: str) -> None:
+    """Refuse to talk to a process at ``path`` that runs as a user we do not trust: another
+    local user who took the socket path would otherwise receive every weight byte."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", raw)
+    if uid not in trusted_uids():
+        raise DaemonUnavailableError(
+            f"the process at {path} (pid {pid}) runs as uid {uid}, not as you (uid "
+            f"{os.getuid()}): refusing to send it anything. If that daemon is yours, set "
+            f"CKPTD_DAEMON_USER={uid}; otherwise someone else holds your socket path"
+        )
 
 
 class Connection:
@@ -34,6 +68,11 @@ class Connection:
                 f"no ckptd daemon at {path} ({e.strerror or e}). Start one with "
                 f"`ckptd serve --socket {path}` (or under systemd), or point CKPTD_SOCKET at it"
             ) from None
+        try:
+            check_peer(self.sock, path)
+        except DaemonUnavailableError:
+            self.sock.close()
+            raise
         self.sock.settimeout(None)
         self._send_lock = threading.Lock()
         self._on_event = on_event

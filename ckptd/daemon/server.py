@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import json
 import logging
-import mmap
 import os
 import shutil
 import signal
@@ -26,8 +26,11 @@ from typing import Any
 
 from .. import __version__, retention
 from ..errors import (
+    AlreadyExistsError,
     CkptdError,
     ConfigError,
+    IntegrityError,
+    NotFoundError,
     PermanentStorageError,
     ProtocolError,
     StorageError,
@@ -37,16 +40,17 @@ from ..names import check_name
 from ..protocol import MAX_FRAME, FrameReader, encode
 from ..protocol import field as msg_field
 from ..retention import Retention
-from ..storage import Store, is_local, local_path, open_store
+from ..storage import Store, is_local, join_key, local_path, open_store
 from . import sdnotify
 from .commit import (
     StagedFile,
     checkpoint_dir,
     commit,
     update_latest,
-    write_staged_safely,
+    write_staged,
 )
 from .jobs import FINAL, Job, JobState
+from .lease import BytesSource, SlotLease
 from .mirror import Mirrors
 from .preempt import PreemptionConfig, watch_preemption
 from .sharded import _FILE_NAME, ShardedCommits
@@ -63,9 +67,20 @@ log = logging.getLogger("ckptd.daemon")
 _MAX_SLOTS = 64
 _MAX_SLOT_SIZE = 1 << 42
 _KEEP_FINISHED = 200
+_STORE_CHECK_TIMEOUT = 5.0
+_MAX_CONNS = 512
+"""Connections at once; more are refused with a message (each costs fds and memory)."""
+_MAX_BUFFERED = 128 << 20
+"""Bytes of unfinished incoming messages across all clients: half-sent frames cannot make the
+daemon's memory grow without bound."""
+_FRAME_DEADLINE = 30.0
+"""A message that has started arriving must be whole within this many seconds."""
+_OUTBOX = 1024
+_SEND_TIMEOUT = 15.0
+"""A client that has not taken a reply within this many seconds is dropped."""
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True)
 class DaemonConfig:
     root: str
     """Local directory: checkpoints are committed here first (and it is the store by default)."""
@@ -88,12 +103,21 @@ class DaemonConfig:
     """What to keep in the root when uploading elsewhere; only uploaded copies are deleted."""
     preemption: PreemptionConfig | None = None
     """Spot/preemption notices to watch; None watches nothing."""
+    group: str | None = None
+    """A group to share the socket and the files with (read-only for files); None: owner-only,
+    because checkpoints are the user's weights and other local users must not read them."""
+    gid: int = field(default=-1, init=False)
 
     def __post_init__(self) -> None:
         if self.writers < 1 or self.uploads < 1 or self.file_concurrency < 1:
             raise ConfigError("writers, uploads and file_concurrency must be at least 1")
         if self.drain_timeout <= 0:
             raise ConfigError("drain_timeout must be positive: an unbounded drain outlives the VM")
+        if self.group is not None:
+            try:
+                self.gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ConfigError(f"no group named {self.group!r} on this machine") from None
         self.root = os.path.abspath(os.path.expanduser(self.root))
         self.socket = os.path.abspath(os.path.expanduser(self.socket))
 
@@ -108,6 +132,11 @@ class _Conn:
         self.id = cid
         self.sock = sock
         self.send_lock = asyncio.Lock()
+        # Replies wait here, bounded, for the connection's own sender task: a client that does
+        # not read its replies fills only its own queue and is dropped, never stalls the daemon.
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX)
+        self.sender: asyncio.Task[None] | None = None
+        self.buffered = 0  # bytes of unfinished incoming frames
         self.slots: dict[int, tuple[int, int, int]] = {}  # index -> (fd, size, generation)
         self.run: str | None = None
         self.store: str | None = None
@@ -138,8 +167,12 @@ class Daemon(ShardedCommits):
         self._remote_latest: dict[str, int] = {}
         self._remote_latest_lock = asyncio.Lock()  # store+run -> newest step uploaded
         self._served: dict[str, float] = {}  # run -> when its last upload started (fairness)
+        self._writers: dict[str, int] = {}  # run -> id of the connection that saves it
         self._closing = False
         self._stop = asyncio.Event()
+        self._critical: set[asyncio.Task[Any]] = set()
+        self.fatal = False
+        self._buffered = 0
         self.mirrors = Mirrors(self._store, config.store or config.root)
         self._lock_fd: int | None = None
         self._server_sock: socket.socket | None = None
@@ -161,9 +194,9 @@ class Daemon(ShardedCommits):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self._spawn(self._accept_loop())
+        self._spawn(self._accept_loop(), critical=True)
         for _ in range(self.cfg.uploads):
-            self._spawn(self._upload_worker())
+            self._spawn(self._upload_worker(), critical=True)
         if self.cfg.preemption is not None:
             self._spawn(watch_preemption(self.cfg.preemption, self.on_preemption_notice))
         if (interval := sdnotify.watchdog_interval()) is not None:
@@ -211,6 +244,9 @@ class Daemon(ShardedCommits):
         for store in self._stores.values():
             with contextlib.suppress(CkptdError, OSError):
                 await store.close()
+        if self.fatal:
+            log.error("exiting 1 after an internal failure; committed work resumes on restart")
+            return 1
         if ok:
             log.info("drained: everything committed and uploaded; exiting 0")
             return 0
@@ -230,24 +266,38 @@ class Daemon(ShardedCommits):
             await asyncio.sleep(5)
 
     async def _watchdog(self, interval: float) -> None:
-        while True:
+        while not self.fatal:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, *, critical: bool = False) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
+        if critical:
+            self._critical.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
             log.error("internal task failed: %r", exc, exc_info=exc)
+        if task in self._critical:
+            self._critical.discard(task)
+            if not self._stop.is_set():
+                # A daemon without its accept loop or upload workers only looks alive: exit
+                # non-zero (committed work stays on disk) so that systemd restarts it.
+                log.critical("internal loop %s stopped (%r); exiting so that it is restarted",
+                             task.get_coro(), exc)  # fmt: skip
+                self.fatal = True
+                self._stop.set()
 
     # ---- root, lock, rescan ----------------------------------------------------------------
 
     def _prepare_root(self) -> None:
+        # Everything the daemon creates is owner-only (or group-readable with --group).
+        os.umask(0o027 if self.cfg.group is not None else 0o077)
         root = self.cfg.root
         try:
             os.makedirs(os.path.join(root, ".ckptd"), exist_ok=True)
@@ -255,6 +305,12 @@ class Daemon(ShardedCommits):
             raise ConfigError(f"cannot create root {root}: {e.strerror}") from e
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"root {root} is not writable by this user")
+        if self.cfg.group is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(root, -1, self.cfg.gid)
+        elif os.stat(root).st_mode & 0o077:
+            log.warning("root %s is readable by other users; `chmod go-rwx` it (or pass --group)",
+                        root)  # fmt: skip
         lock_path = os.path.join(root, ".ckptd", "lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -332,6 +388,12 @@ class Daemon(ShardedCommits):
         path = self.cfg.socket
         parent = os.path.dirname(path)
         os.makedirs(parent, mode=0o700, exist_ok=True)
+        check_socket_dir(parent)
+        if os.path.lexists(path) and os.lstat(path).st_uid != os.geteuid():
+            raise ConfigError(
+                f"{path} exists and belongs to uid {os.lstat(path).st_uid}, not to this user: "
+                "refusing to serve there (someone else may be waiting for your saves)"
+            )
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -348,7 +410,11 @@ class Daemon(ShardedCommits):
             sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        if self.cfg.group is not None:
+            os.chown(path, -1, self.cfg.gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
         sock.listen(128)
         sock.setblocking(False)
         self._server_sock = sock
@@ -356,13 +422,48 @@ class Daemon(ShardedCommits):
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._server_sock is not None
+        backoff = 0.05
         while True:
-            sock, _ = await loop.sock_accept(self._server_sock)
+            try:
+                sock, _ = await loop.sock_accept(self._server_sock)
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors: the pending client waits in the backlog until some close.
+                log.error("cannot accept a client: %s; retrying in %.2f s", e.strerror, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
             sock.setblocking(False)
+            if len(self._conns) >= _MAX_CONNS:
+                log.warning("refusing a client: %d connections already", len(self._conns))
+                with contextlib.suppress(OSError):
+                    sock.send(encode({"ev": "error", "error": "too many clients connected"}))
+                sock.close()
+                continue
             conn = _Conn(self._next_cid, sock)
             self._next_cid += 1
             self._conns[conn.id] = conn
+            conn.sender = self._spawn(self._sender(conn))
             self._spawn(self._serve_conn(conn))
+
+    async def _sender(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await conn.outbox.get()
+            try:
+                async with conn.send_lock:
+                    await asyncio.wait_for(loop.sock_sendall(conn.sock, frame), _SEND_TIMEOUT)
+            except TimeoutError:
+                log.warning("client %d (pid %s) has not read its replies for %.0f s; dropping it",
+                            conn.id, conn.pid, _SEND_TIMEOUT)  # fmt: skip
+                self._drop(conn)
+                return
+            except OSError as e:
+                log.debug("cannot tell client %d: %s", conn.id, e)
+                self._drop(conn)
+                return
 
     async def _recv(self, sock: socket.socket) -> tuple[bytes, list[int]]:
         loop = asyncio.get_running_loop()
@@ -387,25 +488,70 @@ class Daemon(ShardedCommits):
         reader = FrameReader(MAX_FRAME)
         try:
             while True:
-                data, fds = await self._recv(conn.sock)
+                if reader.pending_bytes:
+                    try:
+                        data, fds = await asyncio.wait_for(self._recv(conn.sock), _FRAME_DEADLINE)
+                    except TimeoutError:
+                        raise ProtocolError(
+                            f"a message stayed unfinished for {_FRAME_DEADLINE:.0f} s"
+                        ) from None
+                else:
+                    data, fds = await self._recv(conn.sock)
                 if not data and not fds:
                     break
                 reader.feed(data, fds)
+                self._account(conn, reader.pending_bytes)
+                if self._buffered > _MAX_BUFFERED:
+                    raise ProtocolError(
+                        f"the daemon holds {self._buffered >> 20} MiB of unfinished messages "
+                        "from its clients; dropping this one"
+                    )
                 for msg in reader.messages():
-                    await self._dispatch(conn, msg, reader)
+                    self._account(conn, reader.pending_bytes)
+                    try:
+                        await self._dispatch(conn, msg, reader)
+                    except ConfigError as e:  # e.g. a bad name: answer it, keep the client
+                        await self._refuse(conn, msg, str(e))
+                self._account(conn, reader.pending_bytes)
         except ProtocolError as e:
             log.warning("client %d (pid %s): %s; dropping the connection", conn.id, conn.pid, e)
-            await self._send(conn, {"ev": "error", "error": str(e)})
+            await self._send_last(conn, {"ev": "error", "error": str(e)})
         except (ConnectionError, OSError) as e:
             log.info("client %d (pid %s) went away: %s", conn.id, conn.pid, e)
         finally:
+            self._account(conn, 0)
             while reader.fds:
                 with contextlib.suppress(OSError):
                     os.close(reader.fds.popleft())
             self._drop(conn)
 
+    def _account(self, conn: _Conn, pending: int) -> None:
+        self._buffered += pending - conn.buffered
+        conn.buffered = pending
+
+    async def _refuse(self, conn: _Conn, msg: dict[str, Any], error: str) -> None:
+        """Tell the client why its message was refused, as the reply it waits for."""
+        log.warning("client %d (pid %s): refused %r: %s", conn.id, conn.pid, msg.get("op"), error)
+        if msg.get("op") == "save" and isinstance(msg.get("id"), int):
+            await self._send(conn, {"ev": "released", "id": msg["id"], "slot": msg.get("slot")})
+            await self._send(conn, {"ev": "failed", "id": msg["id"], "error": error})
+        else:
+            await self._send(conn, {"ev": "error", "rid": msg.get("rid"), "error": error})
+
+    async def _send_last(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """A final message before dropping the client: sent now, briefly, past the queue."""
+        with contextlib.suppress(OSError, TimeoutError):
+            async with conn.send_lock:
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_sendall(conn.sock, encode(msg)), 1.0
+                )
+
     def _drop(self, conn: _Conn) -> None:
         conn.alive = False
+        if conn.sender is not None and conn.sender is not asyncio.current_task():
+            conn.sender.cancel()
+        for run in [r for r, cid in self._writers.items() if cid == conn.id]:
+            del self._writers[run]
         self.mirrors.release(conn.id)  # flush what it wrote (even after a crash), stop watching
         self._conns.pop(conn.id, None)
         conn.close_fds()
@@ -413,14 +559,15 @@ class Daemon(ShardedCommits):
             conn.sock.close()
 
     async def _send(self, conn: _Conn | None, msg: dict[str, Any]) -> None:
+        """Queue a message for the client; never waits for the client to read it."""
         if conn is None or not conn.alive:
             return
-        frame = encode(msg)
         try:
-            async with conn.send_lock:
-                await asyncio.get_running_loop().sock_sendall(conn.sock, frame)
-        except OSError as e:
-            log.debug("cannot tell client %d: %s", conn.id, e)
+            conn.outbox.put_nowait(encode(msg))
+        except asyncio.QueueFull:
+            log.warning("client %d (pid %s) does not read its replies; dropping it",
+                        conn.id, conn.pid)  # fmt: skip
+            self._drop(conn)
 
     async def _dispatch(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
         op = msg_field(msg, "op", str)
@@ -498,13 +645,13 @@ class Daemon(ShardedCommits):
         step = msg_field(msg, "step", int)
         store = msg_field(msg, "store", str, optional=True) or conn.store or self.cfg.store
         manifest_in = msg_field(msg, "manifest", dict, optional=True) or {}
-        files, inline, slot_fd, slot_size, total = self._validate_files(conn, msg)
+        files, inline, lease, total = self._validate_files(conn, msg)
         job = Job(run=run, tag=tag, step=step, store=store, client=conn.id, save_id=save_id)
         job.bytes_total = total
         if msg_field(msg, "part", bool, optional=True):
-            if len(files) != 1 or inline or slot_fd is None:
-                if slot_fd is not None:
-                    os.close(slot_fd)
+            if len(files) != 1 or inline or lease is None:
+                if lease is not None:
+                    lease.close()
                 raise ProtocolError("a part save carries exactly one staged file")
             job.part = files[0].name
         refusal = None
@@ -516,28 +663,42 @@ class Daemon(ShardedCommits):
                 if (old := self.jobs.get(key)) is not None and old.pending:
                     refusal = f"{key} is already being saved"
                     break
+            if refusal is None and job.part is None:
+                refusal = self._claim_writer(conn, run)
         if refusal is not None:
-            if slot_fd is not None:
-                os.close(slot_fd)
+            if lease is not None:
+                lease.close()
             self._spawn(self._fail(job, refusal, released=True, slot=msg.get("slot")))
             return
         self._add_job(job)
         if job.part is not None:
-            assert slot_fd is not None
-            self._spawn(self._write_part(job, files[0], slot_fd, slot_size, msg.get("slot")))
+            assert lease is not None
+            self._spawn(self._write_part(job, files[0], lease, msg.get("slot")))
         else:
-            self._spawn(
-                self._write(job, files, inline, slot_fd, slot_size, msg.get("slot"), manifest_in)
-            )
+            self._spawn(self._write(job, files, inline, lease, msg.get("slot"), manifest_in))
+
+    def _claim_writer(self, conn: _Conn, run: str) -> str | None:
+        """One live writer per run: the first connection that saves whole checkpoints of a run
+        holds it until it disconnects; another one is refused, naming the holder. (Ranks of a
+        sharded save write parts of one run together and are not writers in this sense.)"""
+        holder = self._conns.get(self._writers.get(run, -1))
+        if holder is None or not holder.alive or holder is conn:
+            self._writers[run] = conn.id
+            return None
+        return (
+            f"run {run} already has a live writer on this node (pid {holder.pid}, host "
+            f"{socket.gethostname()}); two trainers on one run would drop each other's saves. "
+            "Stop the other one or use another run name"
+        )
 
     def _validate_files(
         self, conn: _Conn, msg: dict[str, Any]
-    ) -> tuple[list[StagedFile], dict[str, bytes], int | None, int, int]:
+    ) -> tuple[list[StagedFile], dict[str, bytes], SlotLease | None, int]:
         raw_files = msg_field(msg, "files", list)
         raw_inline = msg_field(msg, "inline", dict, optional=True) or {}
         names: set[str] = set()
         files: list[StagedFile] = []
-        slot_fd: int | None = None
+        lease: SlotLease | None = None
         slot_size = 0
         if raw_files:
             index = msg_field(msg, "slot", int)
@@ -548,7 +709,8 @@ class Daemon(ShardedCommits):
                 raise ProtocolError(
                     f"save names generation {msg['generation']} of slot {index}, not {gen}"
                 )
-            slot_fd = os.dup(fd)  # the job keeps the memory alive even if the client dies now
+            # The job keeps the memory alive even if the client dies or replaces the slot now.
+            lease = SlotLease(fd, slot_size, label=f"slot {index} of client {conn.id}")
         total = 0
         try:
             for raw in raw_files:
@@ -587,14 +749,14 @@ class Daemon(ShardedCommits):
                 inline[name] = data
                 total += len(data)
         except ProtocolError:
-            if slot_fd is not None:
-                os.close(slot_fd)
+            if lease is not None:
+                lease.close()
             raise
         if not names:
-            if slot_fd is not None:
-                os.close(slot_fd)
+            if lease is not None:
+                lease.close()
             raise ProtocolError("save with no files")
-        return files, inline, slot_fd, slot_size, total
+        return files, inline, lease, total
 
     # ---- write stage ---------------------------------------------------------------------------
 
@@ -603,46 +765,40 @@ class Daemon(ShardedCommits):
         job: Job,
         files: list[StagedFile],
         inline: dict[str, bytes],
-        slot_fd: int | None,
-        slot_size: int,
+        lease: SlotLease | None,
         slot: Any,
         manifest_in: dict[str, Any],
     ) -> None:
         conn = self._conns.get(job.client or -1)
         released = False
         partial: str | None = None
+        uploading = job.store is not None and not self._store_is_root(job.store)
+        # The tag check covers the store, not only this root (a rerun on a fresh machine), and
+        # runs while the files are written, so it costs the save no time.
+        taken = asyncio.ensure_future(self._taken_in_store(job)) if uploading else None
         try:
             async with self._write_sem:
                 job.state = JobState.WRITING
-                mm = None
-                try:
-                    if slot_fd is not None:
-                        mm = mmap.mmap(
-                            slot_fd, slot_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
-                        )
-                    view = memoryview(mm) if mm is not None else memoryview(b"")
 
-                    def progress(n: int) -> None:
-                        job.bytes_written += n
-                        self._bytes_written_total += n
+                def progress(n: int) -> None:
+                    job.bytes_written += n
+                    self._bytes_written_total += n
 
-                    partial, records, write_error = await asyncio.to_thread(
-                        write_staged_safely,
-                        *(self.cfg.root, job.run, job.tag, files, inline, view, progress),
+                source = lease or BytesSource(b"")
+                with lease or contextlib.nullcontext():  # closed on every path, cancel included
+                    partial, records = await asyncio.to_thread(
+                        write_staged,
+                        *(self.cfg.root, job.run, job.tag, files, inline, source, progress),
                     )
-                    view.release()
-                finally:
-                    if mm is not None:
-                        mm.close()
-                    if slot_fd is not None:
-                        os.close(slot_fd)
-                if write_error is not None:
-                    raise write_error
-                assert partial is not None
                 released = True
                 await self._send(conn, {"ev": "released", "id": job.save_id, "slot": slot})
+                if taken is not None and (holder := await taken) is not None:
+                    raise AlreadyExistsError(
+                        f"checkpoint {job.key} already exists in {holder}; tags are never "
+                        "overwritten (resume with restore() to continue that run, or use a new "
+                        "run name)"
+                    )
                 manifest = self._manifest(job, manifest_in, records)
-                uploading = job.store is not None and not self._store_is_root(job.store)
                 if uploading:
                     assert job.store is not None
                     await asyncio.to_thread(
@@ -652,6 +808,8 @@ class Daemon(ShardedCommits):
                 partial = None
                 await self._maybe_update_latest(job)
         except (OSError, CkptdError) as e:
+            if taken is not None:
+                taken.cancel()
             msg = f"could not commit {job.key}: {e}"
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 msg = f"could not commit {job.key}: the disk under {self.cfg.root} is full"
@@ -683,9 +841,29 @@ class Daemon(ShardedCommits):
             await self._finish(job)
             self._spawn(self._retain(job))
 
+    async def _taken_in_store(self, job: Job) -> str | None:
+        """The store URL if it already holds a manifest for this tag, else None.
+
+        A store that cannot be asked within a few seconds does not hold up the commit: the
+        upload stage asks again before it writes anything, and writes the manifest create-only.
+        """
+        assert job.store is not None
+        key = join_key(job.run, "checkpoints", job.tag, "MANIFEST.json")
+        store = self._store(job.store)
+        try:
+            await asyncio.wait_for(store.get_bytes(key), timeout=_STORE_CHECK_TIMEOUT)
+        except NotFoundError:
+            return None
+        except (TimeoutError, StorageError, OSError) as e:
+            log.info("could not ask %s whether %s exists (%s); the upload checks again",
+                     job.store, job.key, e)  # fmt: skip
+            return None
+        return store.url
+
     def _manifest(self, job: Job, given: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
         allowed = (
             "training_iteration",
+            "metrics",
             "model_config",
             "git_commit",
             "rank",
@@ -698,6 +876,15 @@ class Daemon(ShardedCommits):
             "pid",
         )
         manifest = {k: given[k] for k in allowed if k in given}
+        metrics = manifest.get("metrics")
+        if metrics is not None and not (
+            isinstance(metrics, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in metrics.items()
+            )
+        ):
+            raise ProtocolError("metrics must map names to numbers")
         manifest.update(
             format=FORMAT,
             run_id=job.run,
@@ -809,7 +996,9 @@ class Daemon(ShardedCommits):
                         await update_remote_latest(store, job.run, job.tag, retrying)
                         self._remote_latest[key] = job.step
                 await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
-            except PermanentStorageError as e:
+            except (PermanentStorageError, AlreadyExistsError, IntegrityError) as e:
+                # Retrying cannot help: the store refuses us, the tag is another writer's, or a
+                # committed file no longer matches its manifest. Say so once; keep the local copy.
                 job.error = f"upload of {job.key} to {job.store} failed: {e}"
                 log.error("%s (the local copy stays in %s)", job.error, self.cfg.root)
                 job.state = JobState.FAILED
@@ -978,6 +1167,27 @@ class Daemon(ShardedCommits):
             "mirrors": self.mirrors.pending(),
             "jobs": [j.as_dict() for j in jobs[-50:]],
         }
+
+
+def check_socket_dir(parent: str) -> None:
+    """The socket's directory must be ours and writable by nobody else (or a sticky directory
+    of root's, like /tmp): whoever can write there can replace the socket with their own and
+    read every save of every client."""
+    st = os.lstat(parent)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"socket directory {parent} is not a plain directory (a symlink?)")
+    sticky_system = bool(st.st_mode & stat.S_ISVTX) and st.st_uid == 0
+    if st.st_uid != os.geteuid() and not sticky_system:
+        raise ConfigError(
+            f"socket directory {parent} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}): another user may have created it to intercept saves. "
+            "Remove it or choose another --socket"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            f"socket directory {parent} is writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}): chmod go-w it or choose another --socket"
+        )
 
 
 def _segments(name: str, raw: list[Any], size: int) -> list[tuple[int, int]]:

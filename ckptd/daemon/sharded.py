@@ -15,7 +15,6 @@ import contextlib
 import errno
 import json
 import logging
-import mmap
 import os
 import re
 import time
@@ -27,8 +26,9 @@ from ..errors import CkptdError, NotFoundError, PermanentStorageError, ProtocolE
 from ..names import check_name
 from ..protocol import field as msg_field
 from ..storage import Store, join_key
-from .commit import StagedFile, assemble_parts, commit, crc_hex, parts_dir, write_part_safely
+from .commit import StagedFile, assemble_parts, commit, crc_hex, parts_dir, write_part
 from .jobs import Job, JobState
+from .lease import SlotLease
 from .upload import journal_dir, update_remote_latest
 
 if TYPE_CHECKING:
@@ -44,31 +44,23 @@ class ShardedCommits:
     """The daemon's part of sharded saves; mixed into ``Daemon`` (``self`` is the daemon)."""
 
     async def _write_part(
-        self: Daemon, job: Job, f: StagedFile, slot_fd: int, slot_size: int, slot: Any
+        self: Daemon, job: Job, f: StagedFile, lease: SlotLease, slot: Any
     ) -> None:
         """One rank's file: fsync it among this daemon's parts, then upload it if the store is
         elsewhere. The checkpoint stays invisible until a ``commit`` request lists every part."""
         conn = self._conns.get(job.client or -1)
         try:
-            async with self._write_sem:
-                job.state = JobState.WRITING
-                mm = mmap.mmap(slot_fd, slot_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                try:
-                    view = memoryview(mm)
+            with lease:
+                async with self._write_sem:
+                    job.state = JobState.WRITING
 
                     def progress(n: int) -> None:
                         job.bytes_written += n
                         self._bytes_written_total += n
 
-                    path, record, error = await asyncio.to_thread(
-                        write_part_safely, self.cfg.root, job.run, job.tag, f, view, progress
+                    path, record = await asyncio.to_thread(
+                        write_part, self.cfg.root, job.run, job.tag, f, lease, progress
                     )
-                    view.release()
-                finally:
-                    mm.close()
-                    os.close(slot_fd)
-                if error is not None:
-                    raise error
         except (OSError, CkptdError) as e:
             msg = f"could not write {job.key}: {e}"
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
