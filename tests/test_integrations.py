@@ -15,6 +15,14 @@ from ckptd.experiment import Experiment
 from tests.helpers import bitwise_equal
 
 
+def read_stub(path: str) -> dict:  # type: ignore[type-arg]
+    from ckptd.integrations.lightning import read_stub as read
+
+    stub = read(path)
+    assert stub is not None, path
+    return stub
+
+
 def _dataset(n: int = 24) -> torch.utils.data.TensorDataset:
     gen = torch.Generator().manual_seed(0)
     return torch.utils.data.TensorDataset(
@@ -85,7 +93,9 @@ def test_lightning_checkpoint_io_and_records(daemon, tmp_path) -> None:  # type:
 
     run = os.path.join(daemon.root, exp.run)
     tags = {m["tag"]: m["step"] for m in ckptd.list_checkpoints(run)}
-    assert {"epoch=0-step=2_U2", "epoch=1-step=4_U4", "epoch=1-step=6_U6", "last_U6"} <= set(tags)
+    assert set(tags) == {"epoch=0-step=2_U2", "epoch=1-step=4_U4", "epoch=1-step=6_U6"}
+    # save_last is a stub naming the top-k save of the same step, not a second upload.
+    assert read_stub(mc.last_model_path)["tag"] == "epoch=1-step=6_U6"
     # What the daemon wrote, read back through the plugin, is the trained state bit for bit.
     back = io.load_checkpoint(mc.last_model_path)
     assert bitwise_equal(back["state_dict"], model.state_dict())
@@ -93,7 +103,7 @@ def test_lightning_checkpoint_io_and_records(daemon, tmp_path) -> None:  # type:
     assert back["global_step"] == 6 and back["epoch"] == 1
     assert back["lr_schedulers"][0] == trainer.lr_scheduler_configs[0].scheduler.state_dict()
     # ...and through ckptd.load, with no Lightning at all.
-    assert bitwise_equal(ckptd.load(run, tag="last_U6")["model"], model.state_dict())
+    assert bitwise_equal(ckptd.load(run, tag="epoch=1-step=6_U6")["model"], model.state_dict())
     # The records: metrics at each step, hparams, finished.
     with open(exp.path("metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]

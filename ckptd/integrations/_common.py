@@ -1,4 +1,5 @@
-"""Pieces the framework integrations share: tags from file names, and plain extras."""
+"""Pieces the framework integrations share: tags from file names, plain extras, finding the
+newest checkpoint of a run over the daemon's root and the store, and surfacing failed saves."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import enum
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ..errors import CkptdError, DaemonUnavailableError, IntegrityError, NotFoundError
 from ..storage import join_key
 
 log = logging.getLogger("ckptd.integrations")
@@ -83,7 +85,6 @@ def run_urls(checkpointer: Any) -> list[str]:
 
 def load_tag(urls: list[str], tag: str, map_location: Any = "cpu") -> dict[str, Any]:
     """``ckptd.load`` of ``tag`` from the first of ``urls`` that has it."""
-    from ..errors import NotFoundError
     from ..reader import load
 
     errors = []
@@ -105,3 +106,100 @@ def check_handles(handles: Any) -> None:
     for h in handles:
         if h.state == "failed" and h.path is None:
             h.check()
+
+
+def existing_tags(urls: list[str]) -> set[str]:
+    """Tags with a manifest in any of ``urls``: one listing each, no manifest read.
+
+    A save whose tag is here would collide (tags are never overwritten), so the integrations
+    refuse it at ``save()`` time with a hint, instead of learning it from the daemon later.
+    """
+    from ..catalog import run_sync
+    from ..storage import open_store
+
+    async def one(url: str) -> set[str]:
+        async with open_store(url) as store:
+            objs = await store.list("checkpoints/")
+        return {
+            o.key.split("/")[1]
+            for o in objs
+            if o.key.count("/") == 2 and o.key.endswith("/MANIFEST.json")
+        }
+
+    tags: set[str] = set()
+    for url in urls:
+        try:
+            tags |= run_sync(one(url))
+        except (CkptdError, OSError) as e:
+            log.warning("could not list %s: %s", url, e)
+    return tags
+
+
+def newest(
+    urls: list[str], tag: str = "latest", map_location: Any = "cpu"
+) -> dict[str, Any] | None:
+    """``ckptd.load`` of the newest checkpoint of the run that verifies, over all of ``urls``
+    (the daemon's root and the store; the root wins a tie, it is local). None: the run has none.
+
+    Newest over both, not the first that has one: a fresh machine's root may hold older saves.
+    """
+    from ..catalog import list_checkpoints
+    from ..reader import load
+
+    if tag != "latest":
+        return load_tag(urls, tag, map_location)
+    found: list[tuple[int, int, str, str]] = []
+    for rank, url in enumerate(urls):
+        try:
+            manifests = list_checkpoints(url)
+        except (CkptdError, OSError) as e:
+            log.warning("could not list %s: %s", url, e)
+            continue
+        found += [(int(m.get("step", -1)), -rank, str(m["tag"]), url) for m in manifests]
+    seen: set[str] = set()
+    for _, _, name, url in sorted(found, reverse=True):
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            return load(url, tag=name, map_location=map_location)
+        except IntegrityError as e:
+            log.warning("%s@%s does not verify (%s); trying an older checkpoint", url, name, e)
+    return None
+
+
+def delete_checkpoint(url: str, tag: str) -> bool:
+    """Delete one checkpoint of the run at ``url``: its manifest first (it stops existing for
+    every reader), then its files. False when it was not there."""
+    import json
+
+    from ..catalog import run_sync
+    from ..storage import open_store
+
+    async def go() -> bool:
+        async with open_store(url) as store:
+            key = join_key("checkpoints", tag, "MANIFEST.json")
+            try:
+                manifest = json.loads(await store.get_bytes(key))
+            except (NotFoundError, FileNotFoundError):
+                return False
+            await store.delete(key)
+            for name in manifest.get("files") or {}:
+                if "/" not in name and not name.startswith("."):
+                    await store.delete(join_key("checkpoints", tag, name))
+            return True
+
+    return run_sync(go())
+
+
+def raise_failed(handles: Iterable[Any]) -> None:
+    """Re-raise, without blocking, the first save that failed for real: one the daemon refused
+    or could not store (a collision, a full disk, a failed upload), or one lost before it was
+    committed. A daemon that went away after committing is not one: it resumes the upload."""
+    for h in handles:
+        error = getattr(h, "_error", None)
+        if error is None:
+            continue
+        if isinstance(error, DaemonUnavailableError) and h.path is not None:
+            continue
+        h.check()
