@@ -1,32 +1,47 @@
 """Finding and checking checkpoints in any store, without torch (the daemon and CLI use it).
 
-Readers trust nothing but the manifest: a checkpoint exists iff ``MANIFEST.json`` exists and
-every file it lists has the listed size and CRC32C. ``latest`` is only a hint; when it is missing,
-stale or names a checkpoint that fails verification, the newest verifying manifest wins.
+Readers trust nothing but the manifest: a checkpoint exists iff ``MANIFEST.json`` exists, passes
+the schema check (``ckptd.manifest``) and every file it lists has the listed size and CRC32C.
+``latest`` is only a hint; when it is missing, stale or names a checkpoint that fails
+verification, the newest verifying manifest wins. A bad manifest hides its own checkpoint from
+listings (with a warning naming it), never the run; asking for that tag by name fails with an
+``IntegrityError`` naming it. In a local store nothing below the run is opened through a
+symbolic link, and ``restore`` never follows one in its destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
-import shutil
+import stat
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import crc32c
 
-from .errors import CkptdError, IntegrityError, NotFoundError
-from .names import check_name
+from . import manifest as schema
+from .errors import (
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    PermanentStorageError,
+    TransientStorageError,
+)
+from .names import MANIFEST, check_name
 from .storage import Store, is_local, join_key, local_path, open_store
+from .storage.local import dir_beneath, is_link_refusal, open_beneath
 
 log = logging.getLogger("ckptd.catalog")
 T = TypeVar("T")
 _CHUNK = 64 << 20
+_MAX_POINTER = 4096  # ``latest`` holds one tag
+_SHOW_TAGS = 20
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -56,6 +71,52 @@ class Located:
     manifest: dict[str, Any]
     directory: str | None = None  # set when the checkpoint is a bare local directory
 
+    def source(self) -> tuple[str, list[str]]:
+        """Where its files lie when local: a base directory and the parts below it."""
+        if self.directory is not None:
+            return self.directory, []
+        return local_path(self.url), ["checkpoints", self.tag]
+
+
+# ---- reading local files without following links -------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_listed(base: str, parts: Sequence[str], rec: dict[str, Any]) -> Iterator[BinaryIO]:
+    """Open a file a manifest lists, ``base/parts...``, checked to be a regular file of the listed
+    size and never reached through a symbolic link; errors name the file."""
+    name = parts[-1]
+    try:
+        # O_NONBLOCK: a FIFO planted under a listed name must fail the check, not hang the open.
+        fd = open_beneath(base, parts, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise IntegrityError(f"{name}: listed in the manifest but missing") from e
+    except OSError as e:
+        raise _os_error(name, e) from e
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{name}: not a regular file")
+        if st.st_size != rec["size"]:
+            raise IntegrityError(f"{name}: {st.st_size} bytes on disk, manifest says {rec['size']}")
+        yield f  # type: ignore[misc]  # a buffering=0 file is a RawIOBase, which reads as bytes
+
+
+def _os_error(name: str, e: OSError) -> Exception:
+    if is_link_refusal(e):
+        return IntegrityError(f"{name}: reached through a symbolic link, which is never followed")
+    if isinstance(e, PermissionError):
+        return PermanentStorageError(f"{name}: {e}")
+    return TransientStorageError(f"{name}: {e}")
+
+
+def _read_small(base: str, parts: Sequence[str], limit: int) -> bytes:
+    fd = open_beneath(base, parts, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{os.path.join(base, *parts)} is not a regular file")
+        return f.read(limit + 1)
+
 
 def checkpoint_directory(url: str) -> tuple[str, dict[str, Any]] | None:
     """A local directory holding a MANIFEST.json (a checkpoint, wherever it was copied to)."""
@@ -63,71 +124,91 @@ def checkpoint_directory(url: str) -> tuple[str, dict[str, Any]] | None:
         return None
     path = local_path(url)
     try:
-        with open(os.path.join(path, "MANIFEST.json"), "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
+        raw = _read_small(path, [MANIFEST], schema.MAX_MANIFEST_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError as e:
-        raise IntegrityError(f"{path}/MANIFEST.json is unreadable: {e}") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise IntegrityError(f"{path}/MANIFEST.json has no files table")
-    return path, manifest
+    except OSError as e:
+        raise _os_error(f"{path}/{MANIFEST}", e) from e
+    # Its own directory name says nothing about its tag (``ckptd restore`` picks any name).
+    return path, schema.parse(raw, tag=None, where=path)
 
 
 def _normalize(url: str) -> tuple[str, str | None]:
     """Accept a run URL, or a local checkpoint directory (then its tag is implied)."""
     if is_local(url):
         path = local_path(url)
-        if os.path.isfile(os.path.join(path, "MANIFEST.json")):
+        if os.path.isfile(os.path.join(path, MANIFEST)):
             return os.path.dirname(os.path.dirname(path)), os.path.basename(path)
         return path, None
     return url.rstrip("/"), None
 
 
+# ---- manifests in a store --------------------------------------------------------------------------
+
+
 async def _read_manifest(store: Store, tag: str) -> dict[str, Any]:
+    """The validated manifest of ``tag``: ``ConfigError`` for a bad tag name, ``NotFoundError``
+    when absent, ``IntegrityError`` naming the checkpoint when it fails the schema."""
     check_name(tag, "tag")
-    raw = await store.get_bytes(join_key("checkpoints", tag, "MANIFEST.json"))
-    try:
-        manifest = json.loads(raw)
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no files table")
-    except ValueError as e:
-        raise IntegrityError(f"{store.url}: manifest of {tag} is unreadable: {e}") from e
-    return manifest
+    raw = await store.get_bytes(
+        join_key("checkpoints", tag, MANIFEST), start=0, end=schema.MAX_MANIFEST_BYTES + 1
+    )
+    return schema.parse(raw, tag=tag, where=f"{store.url}@{tag}")
+
+
+async def _list_tags(store: Store) -> list[str]:
+    """Tags that have a ``MANIFEST.json`` object, sorted; names the rule refuses are skipped."""
+    tags = []
+    for o in await store.list("checkpoints/"):
+        parts = o.key.split("/")
+        if len(parts) != 3 or parts[2] != MANIFEST:
+            continue
+        try:
+            tags.append(check_name(parts[1], "tag"))
+        except ConfigError:
+            log.warning("skipping %s/checkpoints/%r: not a valid tag", store.url, parts[1])
+    return sorted(tags)
 
 
 async def _list_manifests(store: Store) -> list[dict[str, Any]]:
-    """Every manifest of the run, oldest first."""
-    objs = await store.list("checkpoints/")
-    tags = [
-        o.key.split("/")[1]
-        for o in objs
-        if o.key.count("/") == 2 and o.key.endswith("/MANIFEST.json")
-    ]
+    """Every valid manifest of the run, oldest first; a bad one is skipped with a warning."""
     out = []
-    for tag in tags:
+    for tag in await _list_tags(store):
         try:
             out.append(await _read_manifest(store, tag))
-        except (IntegrityError, NotFoundError, CkptdError) as e:
-            log.warning("skipping %s: %s", tag, e)
-    return sorted(out, key=lambda m: (int(m.get("step", -1)), str(m.get("created", ""))))
+        except (IntegrityError, NotFoundError) as e:  # torn, hostile, or deleted meanwhile
+            log.warning("skipping checkpoint %s@%s: %s", store.url, tag, e)
+    return sorted(out, key=lambda m: (m["step"], str(m.get("created", ""))))
+
+
+async def _missing(store: Store, tag: str) -> NotFoundError:
+    """The error for an absent tag, listing the tags that exist."""
+    tags = await _list_tags(store)
+    if not tags:
+        return NotFoundError(f"no checkpoint {tag!r} in {store.url}: it has no checkpoints")
+    shown = ", ".join(tags[-_SHOW_TAGS:])
+    more = f" (and {len(tags) - _SHOW_TAGS} older)" if len(tags) > _SHOW_TAGS else ""
+    return NotFoundError(f"no checkpoint {tag!r} in {store.url}; it has: {shown}{more}")
 
 
 async def _candidates(store: Store, tag: str) -> list[dict[str, Any]]:
     """Manifests to try, best first: the named tag; or for latest, the pointer then newest first."""
     if tag != "latest":
-        return [await _read_manifest(store, tag)]
+        try:
+            return [await _read_manifest(store, tag)]
+        except NotFoundError:
+            raise await _missing(store, tag) from None
     manifests = await _list_manifests(store)
     if not manifests:
         return []
     try:
-        hint = (await store.get_bytes("latest")).decode().strip()
+        hint = (await store.get_bytes("latest", start=0, end=_MAX_POINTER)).decode().strip()
     except (NotFoundError, UnicodeDecodeError):
         hint = ""
     ordered = list(reversed(manifests))
     newest = ordered[0]
     for m in ordered:
-        if m.get("tag") == hint and int(m.get("step", -1)) >= int(newest.get("step", -1)):
+        if m["tag"] == hint and m["step"] >= newest["step"]:
             ordered.remove(m)
             ordered.insert(0, m)
             break
@@ -154,88 +235,163 @@ def list_runs(url: str) -> list[str]:
         runs = set()
         for o in objs:
             parts = o.key.split("/")
-            if len(parts) >= 4 and parts[-1] == "MANIFEST.json" and parts[-3] == "checkpoints":
+            if len(parts) >= 4 and parts[-1] == MANIFEST and parts[-3] == "checkpoints":
                 runs.add("/".join(parts[:-3]))
-        return sorted(runs)
+        valid = []
+        for run in sorted(runs):
+            try:
+                valid.append(check_name(run, "run"))
+            except ConfigError:
+                log.warning("skipping %s/%r: not a valid run name", url, run)
+        return valid
 
     return run_sync(go())
 
 
 async def _fetch(store: Store, manifest: dict[str, Any], into: str) -> None:
+    """Download a validated manifest's files into the fresh private directory ``into``."""
     prefix = join_key("checkpoints", manifest["tag"])
 
     async def one(name: str, rec: dict[str, Any]) -> None:
-        await store.get_file(
-            join_key(prefix, name), os.path.join(into, name), size=int(rec["size"])
-        )
+        await store.get_file(join_key(prefix, name), os.path.join(into, name), size=rec["size"])
 
     await asyncio.gather(*(one(n, r) for n, r in manifest["files"].items()))
 
 
-def verify(url: str, tag: str = "latest") -> Located:
-    """Check every file of a checkpoint against its manifest; raises ``IntegrityError``."""
+# ---- verify and restore ----------------------------------------------------------------------------
+
+
+def _locate(url: str, tag: str) -> Located:
+    """The checkpoint ``url``@``tag`` names: a bare directory, or the best candidate of a run."""
     if (direct := checkpoint_directory(url)) is not None:
         path, manifest = direct
-        _verify_dir(path, manifest)
-        return Located(path, str(manifest.get("tag")), manifest, directory=path)
+        return Located(path, manifest["tag"], manifest, directory=path)
     base, implied = _normalize(url)
     if implied is not None and tag == "latest":
         tag = implied
 
-    async def go() -> Located:
+    async def go() -> list[dict[str, Any]]:
         async with open_store(base) as store:
-            cands = await _candidates(store, tag)
-            if not cands:
-                raise NotFoundError(f"no complete checkpoint in {base}")
-            manifest = cands[0]
-            loc = Located(base, manifest["tag"], manifest)
-            if is_local(base):
-                directory = os.path.join(local_path(base), "checkpoints", loc.tag)
-                await asyncio.to_thread(_verify_dir, directory, manifest)
-            else:
-                with tempfile.TemporaryDirectory(prefix="ckptd-verify-") as tmp:
-                    await _fetch(store, manifest, tmp)
-                    await asyncio.to_thread(_verify_dir, tmp, manifest)
-            return loc
+            return await _candidates(store, tag)
 
-    return run_sync(go())
+    cands = run_sync(go())
+    if not cands:
+        raise NotFoundError(f"no complete checkpoint in {base}")
+    return Located(base, cands[0]["tag"], cands[0])
 
 
-def _verify_dir(directory: str, manifest: dict[str, Any]) -> None:
-    for name, rec in manifest["files"].items():
-        path = os.path.join(directory, name)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                actual = os.fstat(f.fileno()).st_size
-                if actual != int(rec["size"]):
-                    raise IntegrityError(f"{name}: {actual} bytes, manifest says {rec['size']}")
-                value = 0
-                while chunk := f.read(_CHUNK):
-                    value = crc32c.crc32c(chunk, value)
-        except FileNotFoundError as e:
-            raise IntegrityError(f"{name}: listed in the manifest but missing") from e
-        if f"{value:08x}" != str(rec["crc32c"]).lower():
-            raise IntegrityError(
-                f"{name}: CRC32C {value:08x} does not match the manifest's {rec['crc32c']}"
-            )
-
-
-def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
-    """Copy a verified checkpoint (files + MANIFEST.json) into the local directory ``dest``."""
-    loc = verify(url, tag)
-    os.makedirs(dest, exist_ok=True)
-    if loc.directory or is_local(loc.url):
-        src = loc.directory or os.path.join(local_path(loc.url), "checkpoints", loc.tag)
-        for name in loc.manifest["files"]:
-            shutil.copyfile(os.path.join(src, name), os.path.join(dest, name))
-    else:
+@contextlib.contextmanager
+def _local_files(loc: Located) -> Iterator[tuple[str, list[str]]]:
+    """The checkpoint's files on this machine: in place when local, else downloaded first."""
+    if loc.directory is not None or is_local(loc.url):
+        yield loc.source()
+        return
+    with tempfile.TemporaryDirectory(prefix="ckptd-fetch-") as tmp:
 
         async def go() -> None:
             async with open_store(loc.url) as store:
-                await _fetch(store, loc.manifest, dest)
+                await _fetch(store, loc.manifest, tmp)
 
         run_sync(go())
-    _verify_dir(dest, loc.manifest)
-    with open(os.path.join(dest, "MANIFEST.json"), "w") as f:
-        json.dump(loc.manifest, f, indent=1)
+        yield tmp, []
+
+
+def verify(url: str, tag: str = "latest") -> Located:
+    """Check every file of a checkpoint against its manifest; raises ``IntegrityError``."""
+    loc = _locate(url, tag)
+    with _local_files(loc) as (base, parts):
+        try:
+            _verify_dir(base, parts, loc.manifest)
+        except IntegrityError as e:
+            raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
     return loc
+
+
+def _verify_dir(base: str, parts: list[str], manifest: dict[str, Any]) -> None:
+    for name, rec in manifest["files"].items():
+        _copy_checked(base, [*parts, name], rec, None)
+
+
+def _copy_checked(base: str, parts: list[str], rec: dict[str, Any], out: int | None) -> None:
+    """Read one listed file, checking size and CRC32C; with ``out``, write it there too."""
+    name = parts[-1]
+    value = 0
+    with open_listed(base, parts, rec) as f:
+        while chunk := f.read(_CHUNK):
+            value = crc32c.crc32c(chunk, value)
+            if out is not None:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view) :]
+    if f"{value:08x}" != rec["crc32c"].lower():
+        raise IntegrityError(
+            f"{name}: CRC32C {value:08x} does not match the manifest's {rec['crc32c']}"
+        )
+
+
+def check_dest(dest: str) -> None:
+    """``ckptd restore`` writes only into a new or empty directory: refuse anything else."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"destination {dest} exists and is not a directory")
+    if os.listdir(dest):
+        raise ConfigError(f"destination {dest} is not empty; restore into a new or empty directory")
+
+
+def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
+    """Copy a verified checkpoint (files + MANIFEST.json) into ``dest``, a new or empty local
+    directory. Every file is created there exclusively (``O_EXCL|O_NOFOLLOW``): nothing that
+    appears in ``dest`` meanwhile, link or file, is followed or overwritten. The manifest is
+    written last, so a failed restore leaves no directory that looks like a checkpoint."""
+    check_dest(dest)
+    loc = _locate(url, tag)
+    with _local_files(loc) as (base, parts), _dest_dir(dest) as d:
+        created: list[str] = []
+        try:
+            for name, rec in loc.manifest["files"].items():
+                out = _create(d, name, dest)
+                created.append(name)
+                try:
+                    _copy_checked(base, [*parts, name], rec, out)
+                    os.fsync(out)
+                except IntegrityError as e:
+                    raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
+                finally:
+                    os.close(out)
+            out = _create(d, MANIFEST, dest)
+            created.append(MANIFEST)
+            try:
+                os.write(out, json.dumps(loc.manifest, indent=1).encode())
+                os.fsync(out)
+            finally:
+                os.close(out)
+        except BaseException:
+            for name in created:  # only what this restore created itself, exclusively
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=d)
+            raise
+        os.fsync(d)
+    return loc
+
+
+@contextlib.contextmanager
+def _dest_dir(dest: str) -> Iterator[int]:
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(dest)
+    with dir_beneath(parent, [os.path.basename(os.path.abspath(dest))]) as d:
+        if os.listdir(d):
+            raise ConfigError(f"destination {dest} is not empty; restore into a new directory")
+        yield d
+
+
+def _create(d: int, name: str, dest: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, 0o644, dir_fd=d)
+    except FileExistsError as e:
+        raise ConfigError(f"{dest}/{name} appeared during the restore; nothing overwritten") from e

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -63,16 +62,16 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .catalog import _candidates, _fetch, _read_manifest, run_sync
+from .catalog import Located, _candidates, _local_files, run_sync
 from .client import Checkpointer
 from .ddp import rank_and_world
 from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, SerializationError
 from .fmt import DTYPES, TORCH_DTYPES, check_tensor
 from .header import FORMAT, encode_header
-from .names import check_name
+from .names import check_file_name, check_name
 from .reader import _read_verified, _tensors
 from .stager import _copy_all
-from .storage import is_local, join_key, local_path, open_store
+from .storage import join_key, open_store
 
 __all__ = ["METADATA", "Reader", "Writer", "shard_name"]
 
@@ -568,7 +567,9 @@ def encode_metadata(md: Metadata) -> dict[str, Any]:
     }
 
 
-def decode_metadata(doc: dict[str, Any]) -> Metadata:
+def decode_metadata(doc: Any) -> Metadata:
+    """The JSON form back into DCP's ``Metadata``; anything malformed is an ``IntegrityError``
+    (it comes from the store), and every shard file it names must pass the name rule."""
     try:
         sd: dict[str, Any] = {}
         for fqn, m in doc["state_dict_metadata"].items():
@@ -576,20 +577,29 @@ def decode_metadata(doc: dict[str, Any]) -> Metadata:
                 sd[fqn] = BytesStorageMetadata()
                 continue
             props = TensorProperties(
-                dtype=TORCH_DTYPES[m["dtype"]], requires_grad=m["requires_grad"]
+                dtype=TORCH_DTYPES[m["dtype"]], requires_grad=bool(m["requires_grad"])
             )
-            chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in m["chunks"]]
-            sd[fqn] = TensorStorageMetadata(props, torch.Size(m["size"]), chunks)
-        storage = {
-            MetadataIndex(fqn, offset, index): _Loc(file, key)
-            for fqn, offset, index, file, key in doc["storage_data"]
-        }
+            chunks = [ChunkStorageMetadata(_size(o), _size(s)) for o, s in m["chunks"]]
+            sd[fqn] = TensorStorageMetadata(props, _size(m["size"]), chunks)
+        storage = {}
+        for fqn, offset, index, file, key in doc["storage_data"]:
+            idx = MetadataIndex(fqn, None if offset is None else _size(offset), index)
+            storage[idx] = _Loc(check_file_name(file, "shard file"), key)
         planner_data = doc.get("planner_data")
         if isinstance(planner_data, dict):
             planner_data = {k: tuple(v) for k, v in planner_data.items()}
         return Metadata(sd, planner_data, storage, version=doc.get("version"))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError,
+            OverflowError, RuntimeError, ConfigError) as e:  # fmt: skip
         raise IntegrityError(f"{METADATA} is malformed: {e!r}") from e
+
+
+def _size(dims: Any) -> torch.Size:
+    """A shape or offset list from the store: non-negative ints only (``torch.Size`` would take
+    floats and negatives, and fail later in an allocation)."""
+    if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
+        raise ValueError(f"{dims!r} is not a list of non-negative integers")
+    return torch.Size(dims)
 
 
 # ---- the reader ------------------------------------------------------------------------------
@@ -645,30 +655,31 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         async def go() -> dict[str, Any]:
             async with open_store(self.url) as store:
+                # Validated manifests only (``ckptd.manifest``); a missing tag lists those there.
+                found = await _candidates(store, self.tag)
                 if self.tag == "latest":
-                    found = [
-                        m for m in await _candidates(store, "latest") if m.get("kind") == "dcp"
-                    ]
+                    found = [m for m in found if m.get("kind") == "dcp"]
                     if not found:
                         raise NotFoundError(f"no committed sharded checkpoint in {self.url}")
-                    manifest = found[0]
-                else:
-                    manifest = await _read_manifest(store, self.tag)
-                return manifest
+                return found[0]
 
         manifest = run_sync(go())
         if manifest.get("kind") != "dcp":
             raise ConfigError(
-                f"{self.url}@{manifest.get('tag')} was saved by Checkpointer, not DCP: load it with "
+                f"{self.url}@{manifest['tag']} was saved by Checkpointer, not DCP: load it with "
                 "ckptd.load or Checkpointer.restore"
             )
         self.manifest = manifest
         self.tag = manifest["tag"]
         raw = self._verified([METADATA])[METADATA].numpy().tobytes()
         try:
-            md = decode_metadata(json.loads(raw))
-        except ValueError as e:
-            raise IntegrityError(f"{METADATA} is not JSON: {e}") from e
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise IntegrityError(f"{self.url}@{self.tag}: {METADATA} is not JSON: {e}") from e
+        try:
+            md = decode_metadata(doc)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.url}@{self.tag}: {e}") from e
         self._storage = md.storage_data
         return md
 
@@ -683,21 +694,36 @@ class Reader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        needed = sorted({self._storage[item.storage_index].file for item in plan.items})
+        try:
+            self._read_data(plan, planner)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.url}@{self.tag}: {e}") from e
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        locs = [self._loc(item) for item in plan.items]
+        needed = sorted({loc.file for loc in locs})
         files = {name: _tensors(buf, name) for name, buf in self._verified(needed).items()}
-        for item in plan.items:
-            loc = self._storage[item.storage_index]
+        blobs: dict[str, dict[str, Any]] = {}
+        for item, loc in zip(plan.items, locs, strict=True):
             tensors, meta = files[loc.file]
             if item.type == LoadItemType.BYTE_IO:
-                blobs = json.loads(meta.get(_BYTES_KEY, "{}"))
-                data = base64.b64decode(blobs[loc.key])
-                self._check_safe(loc.key, data)
-                planner.load_bytes(item, io.BytesIO(data))
+                if loc.file not in blobs:
+                    blobs[loc.file] = _blobs(loc.file, meta)
+                planner.load_bytes(item, io.BytesIO(self._safe_bytes(loc, blobs[loc.file])))
                 continue
             stored = tensors.get(loc.key)
             if stored is None:
                 raise IntegrityError(f"{loc.file} has no tensor {loc.key!r}")
-            src = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+            try:
+                src = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+            except (IndexError, RuntimeError, ValueError) as e:
+                raise IntegrityError(
+                    f"{loc.file}: tensor {loc.key!r} does not hold the chunk the metadata "
+                    f"places in it: {e}"
+                ) from e
             target = planner.resolve_tensor(item).detach()
             if target.size() != src.size():
                 raise IntegrityError(
@@ -705,41 +731,60 @@ class Reader(StorageReader):
                 )
             target.copy_(src)
             planner.commit_tensor(item, target)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
 
-    def _check_safe(self, key: str, data: bytes) -> None:
-        if self.allow_pickle:
-            return
+    def _loc(self, item: Any) -> _Loc:
         try:
-            torch.load(io.BytesIO(data), weights_only=True)
+            return self._storage[item.storage_index]
+        except KeyError:
+            raise IntegrityError(
+                f"{METADATA} does not say where {item.storage_index.fqn!r} is stored"
+            ) from None
+
+    def _safe_bytes(self, loc: _Loc, blobs: dict[str, Any]) -> bytes:
+        """A non-tensor value's bytes for the planner, which ``torch.load``s them with
+        ``weights_only=False``. Unless ``allow_pickle``, the stored bytes are unpickled once,
+        by the restricted unpickler, and the planner gets that object saved again by us: it never
+        unpickles what the store holds."""
+        try:
+            data = base64.b64decode(blobs[loc.key], validate=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise IntegrityError(f"{loc.file}: no readable value {loc.key!r}: {e!r}") from e
+        if self.allow_pickle:
+            return data
+        try:
+            obj = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as e:  # the weights-only unpickler's refusals have no common type
             why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
             raise SerializationError(
-                f"{key} holds an object that needs full unpickling ({why or type(e).__name__}); "
+                f"{loc.key} holds an object that needs full unpickling ({why or type(e).__name__}); "
                 "pass Reader(allow_pickle=True) if you trust this checkpoint"
             ) from e
+        out = io.BytesIO()
+        torch.save(obj, out)
+        return out.getvalue()
 
     def _verified(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Each named file of the checkpoint, whole, checked against the manifest as it is read
-        (the same reads as ``ckptd.load``: in place when local, else downloaded first)."""
+        (the same reads as ``ckptd.load``: in place when local, never through a symbolic link,
+        else downloaded first)."""
         files = self.manifest.get("files", {})
         for name in names:
             if name not in files:
                 raise IntegrityError(f"{name} is not listed in the manifest of {self.tag}")
-        if is_local(self.url):
-            base = os.path.join(local_path(self.url), "checkpoints", self.tag)
-            return {n: _read_verified(os.path.join(base, n), n, files[n]) for n in names}
-        with tempfile.TemporaryDirectory(prefix="ckptd-dcp-") as tmp:
+        loc = Located(self.url, self.tag, {**self.manifest, "files": {n: files[n] for n in names}})
+        with _local_files(loc) as (base, parts):
+            return {n: _read_verified(base, [*parts, n], files[n]) for n in names}
 
-            async def go() -> None:
-                async with open_store(self.url) as store:
-                    await _fetch(store, {**self.manifest, "files": {n: files[n] for n in names}},
-                                 tmp)  # fmt: skip
 
-            run_sync(go())
-            return {n: _read_verified(os.path.join(tmp, n), n, files[n]) for n in names}
+def _blobs(file: str, meta: dict[str, str]) -> dict[str, Any]:
+    """The base64 table of non-tensor values in a shard's metadata."""
+    try:
+        blobs = json.loads(meta.get(_BYTES_KEY, "{}"))
+    except (ValueError, RecursionError) as e:
+        raise IntegrityError(f"{file}: {_BYTES_KEY} is not JSON: {e}") from e
+    if not isinstance(blobs, dict):
+        raise IntegrityError(f"{file}: {_BYTES_KEY} is not an object")
+    return blobs
 
 
 def _daemon_store(socket: str | None) -> str:

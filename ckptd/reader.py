@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from typing import Any
 
 import crc32c
@@ -22,20 +20,27 @@ import torch
 from .catalog import (
     Located,
     _candidates,
-    _fetch,
+    _local_files,
     _normalize,
     checkpoint_directory,
     copy_checkpoint,
     list_checkpoints,
     list_runs,
+    open_listed,
     run_sync,
     split_tag,
     verify,
 )
-from .errors import ConfigError, IntegrityError, NotFoundError, SerializationError
+from .errors import (
+    CkptdError,
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    SerializationError,
+)
 from .fmt import TORCH_DTYPES, decode_header
-from .names import named
-from .storage import is_local, local_path, open_store
+from .names import check_name, named
+from .storage import open_store
 from .tree import unflatten
 
 __all__ = [
@@ -51,38 +56,43 @@ __all__ = [
 
 log = logging.getLogger("ckptd.reader")
 _CHUNK = 64 << 20
+_MAX_EXTRA = 256 << 20
+"""extra.msgpack holds plain data (tensors go to extra.safetensors): this is generous."""
+
+# What hostile bytes make the decoders below raise. Each is caught per file and reported as an
+# IntegrityError naming the file; nothing else is (a bug must not pass for a bad checkpoint).
+_DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError,
+                  OverflowError, RuntimeError, msgpack.UnpackException)  # fmt: skip
 
 
 # ---- reading files ---------------------------------------------------------------------------
 
 
-def _read_verified(path: str, name: str, rec: dict[str, Any]) -> torch.Tensor:
-    """The whole file as a uint8 tensor, after checking its size and CRC32C."""
-    size = int(rec["size"])
-    try:
-        with open(path, "rb", buffering=0) as f:
-            actual = os.fstat(f.fileno()).st_size
-            if actual != size:
-                raise IntegrityError(f"{name}: {actual} bytes on disk, manifest says {size}")
-            buf = torch.empty(size, dtype=torch.uint8)
-            view = memoryview(buf.numpy())
-            value = 0
-            pos = 0
-            while pos < size:
-                n = f.readinto(view[pos : pos + _CHUNK])
-                if not n:
-                    raise IntegrityError(f"{name}: file ended at byte {pos} of {size}")
-                value = crc32c.crc32c(view[pos : pos + n], value)
-                pos += n
-    except FileNotFoundError as e:
-        raise IntegrityError(f"{name}: listed in the manifest but missing") from e
-    want = str(rec["crc32c"]).lower()
+def _read_verified(base: str, parts: list[str], rec: dict[str, Any]) -> torch.Tensor:
+    """The file ``base/parts...`` whole as a uint8 tensor, after checking size and CRC32C; it is
+    never reached through a symbolic link (see ``catalog.open_listed``)."""
+    name = parts[-1]
+    size = rec["size"]
+    with open_listed(base, parts, rec) as f:
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        value = 0
+        pos = 0
+        while pos < size:
+            n = f.readinto(view[pos : pos + _CHUNK])  # type: ignore[attr-defined]
+            if not n:
+                raise IntegrityError(f"{name}: file ended at byte {pos} of {size}")
+            value = crc32c.crc32c(view[pos : pos + n], value)
+            pos += n
+    want = rec["crc32c"].lower()
     if f"{value:08x}" != want:
         raise IntegrityError(f"{name}: CRC32C {value:08x} does not match the manifest's {want}")
     return buf
 
 
 def _tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a safetensors file (views of ``buf``) and its metadata; the header is checked
+    (``header.decode_header``) before any view is made from it."""
     if len(buf) < 8:
         raise IntegrityError(f"{name}: too short for a safetensors file")
     n = int.from_bytes(bytes(buf[:8].numpy()), "little")
@@ -92,7 +102,7 @@ def _tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dic
         header, start = decode_header(bytes(buf[: 8 + n].numpy()), len(buf))
     except IntegrityError as e:
         raise IntegrityError(f"{name}: {e}") from e
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None) or {}
     out: dict[str, torch.Tensor] = {}
     for key, info in header.items():
         b, e = info["data_offsets"]
@@ -110,38 +120,78 @@ def _tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dic
 
 def _decode_model(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
     sd: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("__nontensor__")}
-    for alias, target in json.loads(meta.get("ckptd.aliases", "{}")).items():
+    aliases = json.loads(meta.get("ckptd.aliases", "{}"))
+    if not isinstance(aliases, dict):
+        raise TypeError("ckptd.aliases is not an object")
+    for alias, target in aliases.items():
         sd[alias] = sd[target]
     if "ckptd.nontensor" in meta:
-        sd.update(unflatten(json.loads(meta["ckptd.nontensor"]), tensors))
+        rest = unflatten(json.loads(meta["ckptd.nontensor"]), tensors)
+        if not isinstance(rest, dict):
+            raise TypeError("ckptd.nontensor is not an object")
+        sd.update(rest)
     return sd
 
 
-def _load_dir(directory: str, manifest: dict[str, Any], map_location: Any) -> dict[str, Any]:
-    files = manifest["files"]
+def _unpack_extra(data: bytes) -> Any:
+    """extra.msgpack as plain data, with the unpacker's limits tied to the file's own size (no
+    declared length can allocate more than the bytes that back it) and ext types refused."""
+    if len(data) > _MAX_EXTRA:
+        raise ValueError(f"{len(data)} bytes (at most {_MAX_EXTRA})")
+
+    def no_ext(code: int, payload: bytes) -> Any:
+        raise ValueError(f"msgpack extension type {code} is not plain data")
+
+    n = max(len(data), 1)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=no_ext,
+                                max_buffer_size=n, max_array_len=n, max_map_len=n)  # fmt: skip
+    unpacker.feed(data)
+    obj = unpacker.unpack()
+    if unpacker.tell() != len(data):
+        raise ValueError(f"{len(data) - unpacker.tell()} bytes after the value")
+    return obj
+
+
+def _decode_file(
+    name: str, buf: torch.Tensor, result: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Decode one verified file into ``result`` (models, optimizers) or ``extra`` (its parts)."""
+    if name.endswith(".weights.safetensors"):
+        model = check_name(name[: -len(".weights.safetensors")], "model name")
+        tensors, meta = _tensors(buf, name)
+        result[model] = _decode_model(tensors, meta)
+    elif name.endswith(".optim.safetensors"):
+        model = check_name(name[: -len(".optim.safetensors")], "model name")
+        tensors, meta = _tensors(buf, name)
+        if "ckptd.optimizer" not in meta:
+            raise IntegrityError(f"{name}: no optimizer state in its metadata")
+        result["optimizers"][model] = unflatten(json.loads(meta["ckptd.optimizer"]), tensors)
+    elif name == "extra.safetensors":
+        # Small, and users hand them to APIs (Generator.set_state) that want own storage.
+        extra["tensors"] = {k: v.clone() for k, v in _tensors(buf, name)[0].items()}
+    elif name == "extra.msgpack":
+        extra["skeleton"] = _unpack_extra(bytes(buf.numpy()))
+
+
+def _load_dir(
+    base: str, parts: list[str], manifest: dict[str, Any], map_location: Any
+) -> dict[str, Any]:
+    """Load a validated manifest's files from ``base/parts...`` (a local checkpoint)."""
     result: dict[str, Any] = {"optimizers": {}}
-    extra_tensors: dict[str, torch.Tensor] = {}
-    extra_skel: Any = None
-    for name, rec in files.items():
-        if os.sep in name or name.startswith("."):
-            raise IntegrityError(f"manifest lists a file outside its checkpoint: {name!r}")
-        buf = _read_verified(os.path.join(directory, name), name, rec)
-        if name.endswith(".weights.safetensors"):
-            tensors, meta = _tensors(buf, name)
-            result[name[: -len(".weights.safetensors")]] = _decode_model(tensors, meta)
-        elif name.endswith(".optim.safetensors"):
-            tensors, meta = _tensors(buf, name)
-            if "ckptd.optimizer" not in meta:
-                raise IntegrityError(f"{name}: no optimizer state in its metadata")
-            result["optimizers"][name[: -len(".optim.safetensors")]] = unflatten(
-                json.loads(meta["ckptd.optimizer"]), tensors
-            )
-        elif name == "extra.safetensors":
-            # Small, and users hand them to APIs (Generator.set_state) that want own storage.
-            extra_tensors = {k: v.clone() for k, v in _tensors(buf, name)[0].items()}
-        elif name == "extra.msgpack":
-            extra_skel = msgpack.unpackb(bytes(buf.numpy()), raw=False, strict_map_key=False)
-    result["extra"] = unflatten(extra_skel, extra_tensors) if extra_skel is not None else None
+    extra: dict[str, Any] = {"tensors": {}}
+    for name, rec in manifest["files"].items():
+        buf = _read_verified(base, [*parts, name], rec)
+        try:
+            _decode_file(name, buf, result, extra)
+        except IntegrityError:
+            raise
+        except (CkptdError, *_DECODE_ERRORS) as e:
+            raise IntegrityError(f"{name}: malformed content: {e!r}") from e
+    try:
+        skel = extra.get("skeleton")
+        result["extra"] = None if skel is None else unflatten(skel, extra["tensors"])
+    except (CkptdError, *_DECODE_ERRORS) as e:
+        raise IntegrityError(f"extra.msgpack: malformed content: {e!r}") from e
     if "model" in result["optimizers"]:
         result["optimizer"] = result["optimizers"]["model"]
     result["meta"] = manifest
@@ -173,18 +223,8 @@ def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
 
 def _load_located(loc: Located, map_location: Any) -> dict[str, Any]:
     _refuse_sharded(loc.manifest, loc.url)
-    if is_local(loc.url):
-        return _load_dir(
-            os.path.join(local_path(loc.url), "checkpoints", loc.tag), loc.manifest, map_location
-        )
-    with tempfile.TemporaryDirectory(prefix="ckptd-load-") as tmp:
-
-        async def go() -> None:
-            async with open_store(loc.url) as store:
-                await _fetch(store, loc.manifest, tmp)
-
-        run_sync(go())
-        return _load_dir(tmp, loc.manifest, map_location)
+    with _local_files(loc) as (base, parts):
+        return _load_dir(base, parts, loc.manifest, map_location)
 
 
 def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, Any]:
@@ -203,10 +243,9 @@ def _load_best(
 ) -> tuple[dict[str, Any], Located]:
     if (direct := checkpoint_directory(url)) is not None:
         path, manifest = direct
-        loc = Located(path, str(manifest.get("tag")), manifest, directory=path)
-        _refuse_sharded(manifest, path)
+        loc = Located(path, manifest["tag"], manifest, directory=path)
         try:
-            return _load_dir(path, manifest, map_location), loc
+            return _load_located(loc, map_location), loc
         except IntegrityError as e:
             raise IntegrityError(f"{path}: {e}") from e
     base, implied = _normalize(url)
@@ -255,6 +294,7 @@ def restore_into(
     state: dict[str, Any] | None = None
     loc: Located | None = None
     errors: list[str] = []
+    damaged = False  # some checkpoint exists but none verifies: a fresh start would lose it
     for url in urls:
         try:
             state, loc = _load_best(url, tag, map_location, fall_back=tag == "latest")
@@ -263,9 +303,10 @@ def restore_into(
             errors.append(str(e))
         except IntegrityError as e:
             errors.append(str(e))
+            damaged = True
             log.warning("%s", e)
     if state is None or loc is None:
-        if tag == "latest" and not any("verifies" in e for e in errors):
+        if tag == "latest" and not damaged:
             return None
         raise NotFoundError(f"checkpoint {tag!r} not found: " + "; ".join(errors))
     for name, obj in all_models.items():

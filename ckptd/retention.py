@@ -5,6 +5,11 @@ store. Deleting is ordered so a reader never sees a checkpoint with a missing fi
 goes first (the checkpoint becomes invisible), then the data. Dropping optimizer state from an
 older checkpoint rewrites its manifest without those files first, then deletes them. A failed
 delete is logged and skipped, never fatal.
+
+Only what a validated manifest names is deleted: keys ``<run>/checkpoints/<tag>/<file>`` whose run,
+tag and file names pass the name rule, under the tag the manifest was found under (a manifest
+naming another tag is invisible, see ``ckptd.manifest``). In a local store nothing is deleted
+through a symbolic link (see ``storage.local``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CkptdError, ConfigError
+from .names import check_name
 from .storage import Store, join_key
 
 log = logging.getLogger("ckptd.retention")
@@ -79,6 +85,7 @@ async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] 
     """Apply ``policy`` to the run ``run`` of ``store``; returns what it did (or would do)."""
     from .catalog import _list_manifests  # the one place that knows how to list a run
 
+    check_name(run, "run")
     manifests = await _list_manifests(_Scoped(store, run))
     decided = plan(manifests, policy, protect or set())
     if dry_run:

@@ -1,18 +1,93 @@
-"""A store on a local or mounted filesystem (``/path`` or ``file:///path``)."""
+"""A store on a local or mounted filesystem (``/path`` or ``file:///path``).
+
+Objects are regular files under ``root``. Every path below the root is opened one component at a
+time relative to its parent's descriptor, with ``O_NOFOLLOW``: a symbolic link planted in the
+store (a checkpoint directory pointing at ``/home``, a weight file pointing at a key) is never
+followed, so reads, writes and deletes stay inside the root whatever the store holds. A link is
+not an object: listings skip it and opening one fails. The root itself may be a link (it is the
+user's own path).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import shutil
-import threading
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import crc32c as _crc32c
 
-from ..errors import IntegrityError, NotFoundError, PermanentStorageError, TransientStorageError
+from ..atomic import is_temp, temp_name
+from ..errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    NotFoundError,
+    PermanentStorageError,
+    TransientStorageError,
+)
 from .base import ObjectInfo, ProgressFn, Store
 
 _CHUNK = 16 << 20
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+T = TypeVar("T")
+
+
+# ---- opening below a directory without following links ------------------------------------------
+
+
+def key_parts(key: str) -> list[str]:
+    """The components of a '/'-separated key; empty, ``.`` and ``..`` components are refused."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise PermanentStorageError(f"key {key!r} is not a plain relative path")
+    return parts
+
+
+@contextlib.contextmanager
+def dir_beneath(base: str, parts: Sequence[str], *, create: bool = False) -> Iterator[int]:
+    """A descriptor of ``base/parts...``, opened without following a link below ``base``.
+
+    Raises ``OSError`` as the kernel does: ``ELOOP`` for a link, ``ENOTDIR`` for a file,
+    ``ENOENT`` for a missing directory (with ``create``, missing ones are made).
+    """
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR, dir_fd=fd)
+            except NotADirectoryError:
+                # Linux says ENOTDIR, not ELOOP, for a link opened with O_DIRECTORY|O_NOFOLLOW.
+                if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                    raise OSError(errno.ELOOP, "a symbolic link, never followed", part) from None
+                raise
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_beneath(
+    base: str, parts: Sequence[str], flags: int = os.O_RDONLY, mode: int = 0o644
+) -> int:
+    """A descriptor of the file ``base/parts...`` (flags as ``os.open``), no link followed."""
+    with dir_beneath(base, parts[:-1]) as d:
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=d)
+
+
+def is_link_refusal(e: OSError) -> bool:
+    """Whether an open below a directory failed because a component is a symbolic link."""
+    return e.errno == errno.ELOOP
+
+
+# ---- the store -----------------------------------------------------------------------------------
 
 
 class LocalStore(Store):
@@ -23,10 +98,7 @@ class LocalStore(Store):
         self.url = self.root
 
     def _path(self, key: str) -> str:
-        path = os.path.normpath(os.path.join(self.root, key))
-        if path != self.root and not path.startswith(self.root + os.sep):
-            raise PermanentStorageError(f"key {key!r} escapes the store root {self.root}")
-        return path
+        return os.path.join(self.root, *key_parts(key))
 
     async def check_access(self) -> None:
         def probe() -> None:
@@ -51,137 +123,190 @@ class LocalStore(Store):
         journal: str | None = None,
         progress: ProgressFn | None = None,
     ) -> None:
-        dst = self._path(key)
-        if os.path.abspath(path) == dst:
-            return
-        await asyncio.to_thread(_copy_verified, path, dst, size, crc32c, progress)
+        parts = key_parts(key)
+        if os.path.abspath(path) == self._path(key):
+            return  # the store is the daemon's root: the committed file is the object
+        await asyncio.to_thread(
+            self._translate, key, self._write, parts, _copy_from(path, size, crc32c, progress)
+        )
 
     async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        dst = self._path(key)
+        parts = key_parts(key)
 
-        def write() -> None:
-            if if_absent and os.path.exists(dst):
-                raise FileExistsError(dst)
-            _atomic_write(dst, data)
+        def fill(fd: int) -> None:
+            _write_all(fd, data)
 
-        await asyncio.to_thread(_translate, write)
+        await asyncio.to_thread(self._translate, key, self._write, parts, fill, if_absent)
+
+    def _write(
+        self, parts: list[str], fill: Callable[[int], None], if_absent: bool = False
+    ) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        name = parts[-1]
+        with dir_beneath(self.root, parts[:-1], create=True) as d:
+            tmp = temp_name(name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=d)  # fmt: skip
+            try:
+                try:
+                    fill(fd)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if if_absent:
+                    _link_absent(tmp, name, d)
+                else:
+                    os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=d)
+            os.fsync(d)
 
     async def get_bytes(
         self, key: str, *, start: int | None = None, end: int | None = None
     ) -> bytes:
-        src = self._path(key)
+        parts = key_parts(key)
 
         def read() -> bytes:
-            with open(src, "rb") as f:
-                if start:
-                    f.seek(start)
-                return f.read() if end is None else f.read(end - (start or 0))
+            fd = open_beneath(self.root, parts)
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    if start:
+                        f.seek(start)
+                    return f.read() if end is None else f.read(max(0, end - (start or 0)))
+            finally:
+                os.close(fd)
 
-        return await asyncio.to_thread(_translate, read)
+        return await asyncio.to_thread(self._translate, key, read)
 
     async def get_file(self, key: str, path: str, *, size: int | None = None) -> None:
-        src = self._path(key)
-        await asyncio.to_thread(_translate, shutil.copyfile, src, path)
+        parts = key_parts(key)
+
+        def copy() -> None:
+            fd = open_beneath(self.root, parts)
+            with os.fdopen(fd, "rb") as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+        await asyncio.to_thread(self._translate, key, copy)
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         def walk() -> list[ObjectInfo]:
             out: list[ObjectInfo] = []
             base = self.root
-            start = os.path.join(base, os.path.dirname(prefix)) if "/" in prefix else base
-            if not os.path.isdir(start):
-                return out
-            for dirpath, dirnames, filenames in os.walk(start):
+            under = [p for p in prefix.split("/")[:-1] if p]
+            if any(p in (".", "..") for p in under) or not _plain_dirs(base, under):
+                return out  # a link (or no directory) on the way: nothing of the store's there
+            start = os.path.join(base, *under)
+            for dirpath, dirnames, filenames in os.walk(start):  # never descends into links
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for name in filenames:
                     full = os.path.join(dirpath, name)
                     key = os.path.relpath(full, base).replace(os.sep, "/")
-                    if key.startswith(prefix) and ".tmp-" not in name:
-                        try:
-                            out.append(ObjectInfo(key, os.path.getsize(full)))
-                        except FileNotFoundError:
-                            continue
+                    if not key.startswith(prefix) or is_temp(name):
+                        continue
+                    try:
+                        st = os.lstat(full)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):  # a link is not an object
+                        out.append(ObjectInfo(key, st.st_size))
             return sorted(out, key=lambda o: o.key)
 
         return await asyncio.to_thread(walk)
 
     async def delete(self, key: str) -> None:
-        dst = self._path(key)
+        parts = key_parts(key)
 
         def rm() -> None:
             try:
-                os.unlink(dst)
+                with dir_beneath(self.root, parts[:-1]) as d:
+                    os.unlink(parts[-1], dir_fd=d)
             except FileNotFoundError:
                 return
-            # Drop directories left empty, up to the store root.
-            parent = os.path.dirname(dst)
-            while parent != self.root and parent.startswith(self.root):
+            except NotADirectoryError:
+                return  # a file where a directory of the key would be: the key is not there
+            # Drop directories left empty, up to the store root (never through a link).
+            for i in range(len(parts) - 1, 0, -1):
                 try:
-                    os.rmdir(parent)
+                    with dir_beneath(self.root, parts[: i - 1]) as d:
+                        os.rmdir(parts[i - 1], dir_fd=d)
                 except OSError:
                     break
-                parent = os.path.dirname(parent)
 
-        await asyncio.to_thread(rm)
+        await asyncio.to_thread(self._translate, key, rm)
+
+    def _translate(self, key: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except FileExistsError as e:
+            raise AlreadyExistsError(f"{self.root}/{key} exists: {e}") from e
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise NotFoundError(f"{self.root}/{key}: {e}") from e
+        except PermissionError as e:
+            raise PermanentStorageError(f"{self.root}/{key}: {e}") from e
+        except OSError as e:
+            if is_link_refusal(e):
+                raise PermanentStorageError(
+                    f"{self.root}/{key}: a symbolic link is in the way; the local store never "
+                    "follows one"
+                ) from e
+            raise TransientStorageError(f"{self.root}/{key}: {e}") from e
 
 
-def _translate(fn, *args):  # type: ignore[no-untyped-def]
+def _plain_dirs(base: str, parts: list[str]) -> bool:
+    """Whether ``base/parts...`` is a chain of real directories (no link anywhere below base)."""
+    path = base
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except FileNotFoundError:
+            return False
+    return os.path.isdir(base)
+
+
+def _link_absent(tmp: str, name: str, d: int) -> None:
+    """Create-only rename: a hard link fails if ``name`` exists, where a rename would replace."""
     try:
-        return fn(*args)
+        os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
     except FileExistsError:
-        raise  # create-only write refused: not worth a retry
-    except FileNotFoundError as e:
-        raise NotFoundError(str(e)) from e
-    except PermissionError as e:
-        raise PermanentStorageError(str(e)) from e
-    except OSError as e:
-        raise TransientStorageError(str(e)) from e
+        raise
+    except OSError as e:  # a filesystem without hard links: check, then rename
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        try:
+            os.stat(name, dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+            return
+        raise FileExistsError(name) from None
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
-def _atomic_write(dst: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(os.path.dirname(dst))
+def _copy_from(src: str, size: int, crc: int, progress: ProgressFn | None) -> Callable[[int], None]:
+    """A ``fill`` that copies ``src`` and checks what it copied against ``size`` and ``crc``."""
 
-
-def _copy_verified(src: str, dst: str, size: int, crc: int, progress: ProgressFn | None) -> None:
-    try:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp-{os.getpid()}-{threading.get_ident()}"
+    def fill(fd: int) -> None:
         value = 0
         n = 0
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        with open(src, "rb") as fi:
             while chunk := fi.read(_CHUNK):
                 value = _crc32c.crc32c(chunk, value)
-                fo.write(chunk)
+                _write_all(fd, chunk)
                 n += len(chunk)
                 if progress:
                     progress(len(chunk))
-            fo.flush()
-            os.fsync(fo.fileno())
         if n != size or value != crc:
-            os.unlink(tmp)
             raise IntegrityError(
                 f"{src} changed while uploading: {n} bytes crc32c {value:08x}, "
                 f"expected {size} bytes crc32c {crc:08x}"
             )
-        os.replace(tmp, dst)
-        fsync_dir(os.path.dirname(dst))
-    except (FileNotFoundError, PermissionError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise NotFoundError(str(e)) from e
-        if isinstance(e, PermissionError):
-            raise PermanentStorageError(str(e)) from e
-        raise TransientStorageError(f"copy to {dst} failed: {e}") from e
+
+    return fill
