@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
             check_store=not args.no_check_store,
             group=args.group,
+            mirror_max_file_size=args.mirror_max_file_size or None,
             retention=Retention(
                 keep_last=args.keep_last,
                 keep_every=args.keep_every,
@@ -426,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="lower the daemon's CPU priority by N, so the training loop gets the CPU first "
         "(default: $CKPTD_NICE, else 10; 0 keeps it)",
+    )
+    s.add_argument(
+        "--mirror-max-file-size",
+        type=int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="experiment files larger than this are not mirrored to the store, with a log line "
+        "(default: 1 GiB; 0: no cap)",
     )
     s.add_argument(
         "--group",

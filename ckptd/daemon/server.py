@@ -106,6 +106,8 @@ class DaemonConfig:
     group: str | None = None
     """A group to share the socket and the files with (read-only for files); None: owner-only,
     because checkpoints are the user's weights and other local users must not read them."""
+    mirror_max_file_size: int | None = 1 << 30
+    """Experiment files larger than this are not mirrored (logged); None: no cap."""
     gid: int = field(default=-1, init=False)
 
     def __post_init__(self) -> None:
@@ -173,7 +175,9 @@ class Daemon(ShardedCommits):
         self._critical: set[asyncio.Task[Any]] = set()
         self.fatal = False
         self._buffered = 0
-        self.mirrors = Mirrors(self._store, config.store or config.root)
+        self.mirrors = Mirrors(
+            self._store, config.store or config.root, max_file_size=config.mirror_max_file_size
+        )
         self._lock_fd: int | None = None
         self._server_sock: socket.socket | None = None
         self._started = time.time()
