@@ -7,7 +7,15 @@ git commit/branch/remote/dirty flag and the uncommitted diff, the environment, t
 the run's log records (``main.log``), metrics as they come (``metrics.jsonl``) and results.
 
 The daemon mirrors the folder to ``<store>/<run>/experiment/`` (socket op ``mirror``): the
-training process writes local files only and never touches the network.
+training process writes local files only and never touches the network, except once at start to
+find and pull back the run it continues.
+
+A rerun of the same command continues the newest run of its project/name that did not finish
+(``resume="auto"``), so a job killed on a lost machine carries on under the same run id: the
+records are pulled from the store, appended to, and the metrics that earlier attempts logged after
+the restored checkpoint are replaced, never duplicated. A folder lock (``flock``, dropped by the
+kernel when its process dies) and the writer's host, pid and process start time in ``run.json``
+tell a killed run from a live one, which is never taken over.
 """
 
 from __future__ import annotations
@@ -248,6 +256,253 @@ def _scalar(value: Any) -> Any:
     raise ConfigError(f"metric value must be a number or a scalar tensor, not {type(value)}")
 
 
+# ---- resuming ----------------------------------------------------------------------------------
+
+
+class Resume(enum.StrEnum):
+    """What ``Experiment(resume=...)`` does with earlier runs of the same project/name."""
+
+    AUTO = "auto"
+    """Continue the newest run that is not ``finished`` and has no live writer; else a new run."""
+    NEVER = "never"
+    """Always start a new run."""
+
+
+_HEARTBEAT_S = 30.0  # run.json's heartbeat is refreshed by flush() at most this often
+_STALE_S = 600.0  # another host's "running" run silent this long reads "interrupted"
+_SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _process_identity(pid: int) -> str | None:
+    """Boot id + the process's start time: a pid reused after a crash or a reboot differs."""
+    boot = _boot_id()
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return f"{boot}/{fields[19]}" if boot and len(fields) > 19 else None
+
+
+def _writer_alive(record: Mapping[str, Any]) -> bool | None:
+    """Whether the process that wrote ``record`` still runs; None when it ran on another host."""
+    if record.get("host") != socket.gethostname():
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    ident = record.get("process")
+    if ident and _boot_id() is not None:
+        return _process_identity(pid) == ident
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _iso_age(stamp: Any) -> float | None:
+    try:
+        return time.time() - _dt.datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
+
+
+def resolved_status(record: Mapping[str, Any], *, locked: bool = False) -> str:
+    """``run.json``'s status as it stands: a ``running`` run whose writer is gone reads
+    ``interrupted`` (same host: its process is gone; another host: no heartbeat for
+    ``_STALE_S``). ``locked``: a process on this host holds the folder's lock."""
+    status = str(record.get("status", "running"))
+    if status != "running" or locked:
+        return status
+    alive = _writer_alive(record)
+    if alive is None:
+        age = _iso_age(record.get("heartbeat") or record.get("attempt_started"))
+        return "interrupted" if age is None or age > _STALE_S else "running"
+    return "running" if alive else "interrupted"
+
+
+def _lock(path: str, exclusive: bool) -> int | None:
+    """flock the folder for this process's lifetime (the kernel drops it when the process
+    dies, SIGKILL included); None when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked_by_other(path: str) -> bool:
+    """Whether a run continued by ``resume="auto"`` holds the folder (a shared probe, so that
+    looking never makes a process that is taking the run fail to)."""
+    if not os.path.isdir(path):
+        return False
+    fd = _lock(path, exclusive=False)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _valid_stamp(stamp: str) -> bool:
+    """A run's last part as ``check_name`` allows it: anything else (``..``, ``.ckptd``, a
+    stray file) is no run of ours, and must never become a path."""
+    try:
+        check_name(stamp, "run")
+    except ConfigError:
+        return False
+    return "/" not in stamp
+
+
+def _store_run_url(store: str, run: str) -> str:
+    return join_key(store, run) if "://" in store else os.path.join(store, run)
+
+
+@dataclasses.dataclass(slots=True)
+class _Found:
+    """An earlier run of this project/name: its record, and whether it is on this disk."""
+
+    stamp: str
+    record: dict[str, Any]
+    local: bool
+
+
+def _store_records(store: str, prefix: str, stamp: str | None) -> dict[str, dict[str, Any]]:
+    """``run.json`` of each run under ``<store>/<prefix>/`` (or of the one run ``stamp``)."""
+    from .catalog import run_sync
+
+    async def go() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        async with open_store(store) as st:
+            if stamp is not None:
+                keys = [join_key(prefix, stamp, "experiment", "run.json")]
+            else:
+                keys = [
+                    o.key
+                    for o in await st.list(prefix + "/")
+                    if o.key.count("/") == prefix.count("/") + 3
+                    and o.key.endswith("/experiment/run.json")
+                ]
+            for key in keys:
+                try:
+                    data = json.loads(await st.get_bytes(key))
+                except (NotFoundError, ValueError):
+                    continue
+                if isinstance(data, dict):
+                    out[key[len(prefix) + 1 :].split("/", 1)[0]] = data
+        return out
+
+    return run_sync(go())
+
+
+def _pull_records(store: str, run: str, dest: str) -> int:
+    """Copy ``<store>/<run>/experiment/`` into ``dest`` (each file via temp + rename, so the
+    mirror never uploads a torn one); returns how many files."""
+    from .catalog import run_sync
+
+    prefix = join_key(run, "experiment") + "/"
+
+    async def go() -> int:
+        async with open_store(store) as st:
+            objs = await st.list(prefix)
+            for o in objs:
+                rel = o.key[len(prefix) :]
+                if any(p in ("", ".", "..") for p in rel.split("/")):
+                    continue  # never write outside dest
+                path = os.path.join(dest, *rel.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                await st.get_file(o.key, tmp, size=o.size)
+                os.replace(tmp, path)
+        return len(objs)
+
+    return run_sync(go())
+
+
+def _newest_step(urls: list[str]) -> int | None:
+    """The highest step of the committed checkpoints in any of ``urls`` (None: no checkpoint)."""
+    from .catalog import list_checkpoints
+
+    best: int | None = None
+    for url in urls:
+        try:
+            manifests = list_checkpoints(url)
+        except (CkptdError, OSError) as e:
+            log.debug("no checkpoints in %s: %s", url, e)
+            continue
+        for m in manifests:
+            step = m.get("step")
+            if isinstance(step, int) and (best is None or step > best):
+                best = step
+    return best
+
+
+def _split_metrics(lines: list[str], step: int) -> tuple[list[str], list[str]]:
+    """(kept, dropped): lines with a step after ``step`` are dropped, and torn lines too."""
+    kept, dropped = [], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        s = row.get("step") if isinstance(row, dict) else None
+        (dropped if isinstance(s, int | float) and s > step else kept).append(line)
+    return kept, dropped
+
+
+def run_info(url: str) -> dict[str, Any]:
+    """The ``run.json`` of the run at ``url`` (a store URL or a local run folder), with
+    ``status`` as it stands: ``running``, ``finished``, ``failed`` or ``interrupted`` (a run
+    whose writer is gone; see ``resolved_status``). The recorded value is ``recorded_status``."""
+    from .catalog import run_sync
+
+    base = _run_url(url)
+    if is_local(base):
+        path = local_path(base)
+        for folder in (os.path.join(path, "experiment"), path):  # store or base_dir layout
+            record = _read_json(os.path.join(folder, "run.json"))
+            if record is not None:
+                locked = _locked_by_other(folder)
+                return {**record, "recorded_status": record.get("status"),
+                        "status": resolved_status(record, locked=locked)}  # fmt: skip
+        raise NotFoundError(f"{base} has no experiment/run.json")
+
+    async def go() -> bytes:
+        async with open_store(base) as store:
+            return await store.get_bytes(join_key("experiment", "run.json"))
+
+    try:
+        record = json.loads(run_sync(go()))
+    except NotFoundError as e:
+        raise NotFoundError(f"{base} has no experiment/run.json") from e
+    except ValueError as e:
+        raise CkptdError(f"{base}: run.json is unreadable: {e}") from e
+    return {**record, "recorded_status": record.get("status"), "status": resolved_status(record)}
+
+
 # ---- the experiment ----------------------------------------------------------------------------
 
 
@@ -262,9 +517,26 @@ class Experiment:
             ``<root>/<run>/experiment/`` (the store layout).
         store, socket: as for ``Checkpointer``.
         timestamp: the run's last part; default now (local time). Give the same on every rank.
+            A given timestamp names the run: an earlier attempt of it is continued.
+        resume: ``"auto"`` (default): rerunning the same command continues the newest run of
+            this project/name (in the folder's root or the daemon's store) that is not
+            ``finished`` and whose writer is gone, so that a run killed on a lost machine
+            carries on. ``"never"``: always a new run. A run id (``<timestamp>`` or
+            ``<project>/<name>/<timestamp>``): continue that run. Anything else is a
+            ``ConfigError``. A continued run keeps its id and folder (pulled from the store on a
+            fresh machine), appends to its records, and ``exp.resumed`` is True. With a
+            checkpointer, metrics lines of earlier attempts with a step after the newest
+            checkpoint's are dropped now, and after the step that ``exp.restore()`` or
+            ``exp.checkpointer.restore()`` returns (see ``rewind``): log an update's metrics with
+            the step you pass to ``save()``, and restore before logging. In DDP, give every rank
+            the same ``timestamp`` (or run id).
         connect: False for records only, without a daemon (no checkpointer, no mirroring).
         capture_logs: attach a FileHandler (``main.log``) to the root logger until ``finish``.
         git_dir: the repository to describe; default the current directory.
+
+    ``run.json`` says ``status`` (``running``, ``finished``, ``failed``; ``run_info()`` reads a
+    ``running`` run whose process is gone as ``interrupted``), the writer's host and pid, a
+    heartbeat, and the earlier ``attempts`` with how each ended.
     """
 
     def __init__(
@@ -278,6 +550,7 @@ class Experiment:
         store: str | None = None,
         socket: str | None = None,
         timestamp: str | None = None,
+        resume: str | Resume = Resume.AUTO,
         connect: bool = True,
         capture_logs: bool = True,
         log_level: int = logging.INFO,
@@ -286,13 +559,23 @@ class Experiment:
     ) -> None:
         check_name(project, "run")
         check_name(name, "run")
-        auto_ts = timestamp is None
-        ts = timestamp or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        mode, wanted = self._resume_mode(resume, project, name)
+        if timestamp is not None:
+            check_name(timestamp, "run")
+            if wanted is not None and wanted != timestamp:
+                raise ConfigError(f"timestamp={timestamp!r} and resume={resume!r} disagree")
+            wanted = timestamp
+        ts = wanted or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.project, self.name = project, name
         self._store_url = store
         self._ckpt: Any = None
         self.mirroring = False
         self._finished = False
+        self._lock_fd: int | None = None
+        self.resumed = False
+        """True when this continues an earlier run (same id, same folder, records appended)."""
+        self.previous_status: str | None = None
+        """How the earlier attempt of a continued run ended (``interrupted``, ``failed``...)."""
         if connect:
             from .client import Checkpointer
 
@@ -305,15 +588,39 @@ class Experiment:
             from .defaults import default_root
 
             root = self._ckpt.daemon_info.get("root") if self._ckpt else default_root()
-        self.dir, ts = self._make_dir(os.path.abspath(root), project, name, ts, auto_ts, base_dir)
-        self.run = f"{project}/{name}/{ts}"
-        if self._ckpt is not None and self._ckpt.run != self.run:  # the timestamp was taken
-            self._ckpt.close()
-            self._ckpt = Checkpointer(self.run, store=store, socket=socket, **checkpointer_kwargs)
+        self._root = os.path.abspath(root)
+        self._layout_suffix = "" if base_dir is not None else "experiment"
+        try:
+            previous = self._open_folder(mode, ts, explicit=wanted is not None, by_id=resume)
+            self.run = f"{project}/{name}/{self._stamp}"
+            if self._ckpt is not None and self._ckpt.run != self.run:  # another run was chosen
+                self._ckpt.close()
+                self._ckpt = None
+                self._ckpt = Checkpointer(
+                    self.run, store=store, socket=socket, **checkpointer_kwargs
+                )
+            if self._ckpt is not None:
+                self._wrap_restore()
+            self._start(config, seed, git_dir, previous, capture_logs, log_level)
+        except BaseException:  # leave no lock held and no connection open
+            self._abandon()
+            raise
 
+    def _start(
+        self,
+        config: Any,
+        seed: int | None,
+        git_dir: str | None,
+        previous: dict[str, Any] | None,
+        capture_logs: bool,
+        log_level: int,
+    ) -> None:
+        """Write the records of this attempt and open the appended ones."""
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         seed_everything(self.seed)
         self.config = to_plain(config)
+        if self.resumed:
+            self._warn_if_config_changed()
         self._write("config_resolved.yaml", _yaml(self.config))
         self._write("config_tree.txt", config_tree(self.config))
         git, diff = git_info(git_dir or os.getcwd())
@@ -325,11 +632,20 @@ class Experiment:
             self._ckpt.git_commit = git["commit"]  # recorded in manifests (client hook)
         self._write("env.json", _json(env_info(self.seed)))
         self._started = time.time()
+        self._beat = 0.0
+        self._first_started = previous.get("started") if previous else None
+        self._history = self._attempts(previous)
         self._write_run("running")
 
         self._update = 0
+        metrics = os.path.join(self.dir, "metrics.jsonl")
+        # metrics.jsonl's bytes before this offset are earlier attempts' (rewind's to drop).
+        self._own_from = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+        if self.resumed and self._ckpt is not None:
+            step = _newest_step(self._checkpoint_urls())
+            self.rewind(-1 if step is None else step)
         self._metrics = open(  # noqa: SIM115 - open for the whole run, closed by finish()
-            os.path.join(self.dir, "metrics.jsonl"), "a", buffering=1, encoding="utf-8"
+            metrics, "a", buffering=1, encoding="utf-8"
         )
         self._log_handlers: list[logging.Handler] = []
         self._root_level: int | None = None
@@ -337,24 +653,284 @@ class Experiment:
             self._capture_logs(log_level)
         if self._ckpt is not None:
             self._mirror("start")
-        log.info("experiment %s in %s (seed %d)", self.run, self.dir, self.seed)
+        if self.resumed:
+            log.info("experiment %s resumed in %s (it was %s; seed %d)", self.run, self.dir,
+                     self.previous_status, self.seed)  # fmt: skip
+        else:
+            log.info("experiment %s in %s (seed %d)", self.run, self.dir, self.seed)
+
+    def _abandon(self) -> None:
+        for h in getattr(self, "_log_handlers", []):
+            logging.getLogger().removeHandler(h)
+            h.close()
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None:
+            metrics.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._ckpt is not None:
+            self._ckpt.close()
+
+    # ---- choosing the run --------------------------------------------------------------------
 
     @staticmethod
-    def _make_dir(
-        root: str, project: str, name: str, ts: str, auto_ts: bool, base_dir: str | None
-    ) -> tuple[str, str]:
-        """Create the folder; a second run in the same second gets ``<ts>-1``, ``<ts>-2``..."""
-        suffix = "" if base_dir is not None else "experiment"
+    def _resume_mode(resume: Any, project: str, name: str) -> tuple[Resume | None, str | None]:
+        """(mode, the timestamp asked for): ``auto``/``never``, or a run id to continue."""
+        if isinstance(resume, Resume):
+            return resume, None
+        if not isinstance(resume, str) or not resume:
+            raise ConfigError(f"resume must be 'auto', 'never' or a run id, not {resume!r}")
+        try:
+            return Resume(resume), None
+        except ValueError:
+            pass
+        try:
+            check_name(resume, "run")
+        except ConfigError:
+            raise ConfigError(
+                f"resume must be 'auto', 'never' or a run id, not {resume!r}"
+            ) from None
+        parts = resume.split("/")
+        if len(parts) == 3 and parts[:2] == [project, name]:
+            return None, parts[2]
+        if len(parts) == 1:
+            return None, resume
+        raise ConfigError(
+            f"resume={resume!r} is neither 'auto', 'never', a timestamp nor a run of "
+            f"{project}/{name}"
+        )
+
+    def _folder(self, stamp: str) -> str:
+        return os.path.join(self._root, self.project, self.name, stamp, self._layout_suffix).rstrip(
+            os.sep
+        )
+
+    def _store(self) -> str | None:
+        """The run's store (``store=`` or the daemon's, from its welcome), None without one."""
+        if self._store_url:
+            return self._store_url
+        return self._ckpt.daemon_info.get("store") if self._ckpt is not None else None
+
+    def _remote_store(self) -> str | None:
+        """The store, unless it is the folder's own root (then the local scan sees it all)."""
+        store = self._store()
+        if not store:
+            return None
+        if is_local(store) and not self._layout_suffix:
+            return store  # base_dir layout: the store's copy is elsewhere
+        if is_local(store) and os.path.realpath(local_path(store)) == os.path.realpath(self._root):
+            return None
+        return store
+
+    def _earlier_runs(self, stamp: str | None) -> list[_Found]:
+        """Earlier runs of this project/name (or the one ``stamp``), newest first."""
+        found: dict[str, _Found] = {}
+        store = self._remote_store()
+        if store:
+            try:
+                records = _store_records(store, f"{self.project}/{self.name}", stamp)
+            except CkptdError as e:
+                log.warning("cannot look for earlier runs in %s: %s", store, e)
+                records = {}
+            for s, rec in records.items():
+                found[s] = _Found(s, rec, local=False)
+        base = os.path.join(self._root, self.project, self.name)
+        stamps = [stamp] if stamp is not None else (os.listdir(base) if os.path.isdir(base) else [])
+        for s in filter(_valid_stamp, stamps):
+            rec = _read_json(os.path.join(self._folder(s), "run.json"))
+            if rec is not None:
+                found[s] = _Found(s, rec, local=True)  # this disk's copy is the freshest
+        runs = [f for f in found.values() if _valid_stamp(f.stamp)]
+        return sorted(runs, key=lambda f: (str(f.record.get("started", "")), f.stamp), reverse=True)
+
+    def _open_folder(
+        self, mode: Resume | None, ts: str, *, explicit: bool, by_id: Any
+    ) -> dict[str, Any] | None:
+        """Pick the run (continued or new), create and lock its folder; returns the earlier
+        attempt's record when the run is continued."""
+        if explicit:  # the run is named: continue it if it has records, shared with other ranks
+            (found,) = self._earlier_runs(ts) or (None,)
+            if found is None and mode is None:
+                raise ConfigError(
+                    f"resume={by_id!r} is neither 'auto', 'never' nor a run of "
+                    f"{self.project}/{self.name} (none named {ts} here or in the store)"
+                )
+            self.dir, self._stamp = self._folder(ts), ts
+            os.makedirs(self.dir, exist_ok=True)
+            self._lock_fd = _lock(self.dir, exclusive=False)
+            if self._lock_fd is None:
+                raise ConfigError(f"run {self.project}/{self.name}/{ts} is being continued by "
+                                  "another process on this host")  # fmt: skip
+            live = found is not None and found.record.get("status") == "running"
+            if found is None or mode is Resume.NEVER or (live and _writer_alive(found.record)):
+                return None  # new, not to be continued, or another rank writes it now: join it
+            return self._continue(found)
+        if mode is Resume.AUTO:
+            for found in self._earlier_runs(None):
+                if found.record.get("status") == "finished":
+                    continue
+                if found.record.get("status") == "running" and _writer_alive(found.record):
+                    continue  # one writer per run
+                folder = self._folder(found.stamp)
+                os.makedirs(folder, exist_ok=True)
+                fd = _lock(folder, exclusive=True)
+                if fd is None:
+                    continue  # another process on this host writes it
+                self._lock_fd, self.dir, self._stamp = fd, folder, found.stamp
+                return self._continue(found)
+        self.dir, self._stamp = self._make_dir(self._root, self.project, self.name, ts,
+                                               self._layout_suffix)  # fmt: skip
+        self._lock_fd = _lock(self.dir, exclusive=True)
+        return None
+
+    def _continue(self, found: _Found) -> dict[str, Any]:
+        """Make the folder hold the run's records (pulled from the store on a fresh machine)."""
+        record = found.record
+        if not found.local:
+            store = self._remote_store()
+            assert store is not None
+            n = _pull_records(store, f"{self.project}/{self.name}/{found.stamp}", self.dir)
+            log.info("pulled %d records of %s from %s", n, found.stamp, store)
+            record = _read_json(os.path.join(self.dir, "run.json")) or record
+        status = resolved_status(record)
+        if status == "running":  # on another host, by definition no longer
+            status = "interrupted"
+            age = _iso_age(record.get("heartbeat"))
+            if age is not None and age < _STALE_S:
+                log.warning("run %s/%s/%s was alive on %s %.0f s ago; continuing it here "
+                            "(resume='never' starts a new run instead)", self.project, self.name,
+                            found.stamp, record.get("host"), age)  # fmt: skip
+        self.resumed, self.previous_status = True, status
+        return {**record, "status": status}
+
+    def _attempts(self, previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+        if previous is None:
+            return []
+        ended = previous.get("finished") or previous.get("heartbeat")
+        last = {k: previous.get(k) for k in ("host", "pid")}
+        last.update(started=previous.get("attempt_started") or previous.get("started"),
+                    ended=ended, status=previous.get("status"))  # fmt: skip
+        return [*previous.get("attempts", []), last]
+
+    def _warn_if_config_changed(self) -> None:
+        import yaml
+
+        try:
+            with open(self.path("config_resolved.yaml"), encoding="utf-8") as f:
+                before = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return
+        if (before or {}) != self.config:
+            log.warning("run %s continues with a config other than it started with; "
+                        "config_resolved.yaml now holds the new one", self.run)  # fmt: skip
+
+    def _checkpoint_urls(self) -> list[str]:
+        urls = [os.path.join(self._ckpt.daemon_info.get("root") or "", self.run)]
+        if store := self._store():
+            urls.append(_store_run_url(store, self.run))
+        return urls
+
+    @staticmethod
+    def _make_dir(root: str, project: str, name: str, ts: str, suffix: str) -> tuple[str, str]:
+        """Create a new folder; a second run in the same second gets ``<ts>-1``, ``<ts>-2``..."""
         for n in range(1000):
             stamp = ts if n == 0 else f"{ts}-{n}"
             check_name(stamp, "run")
             path = os.path.join(root, project, name, stamp, suffix).rstrip(os.sep)
             try:
-                os.makedirs(path, exist_ok=not auto_ts)
+                os.makedirs(path)
                 return path, stamp
             except FileExistsError:
                 continue
         raise ConfigError(f"cannot create an experiment folder under {root}/{project}/{name}")
+
+    # ---- restoring ---------------------------------------------------------------------------
+
+    def _wrap_restore(self) -> None:
+        """``exp.checkpointer.restore`` rewinds the metrics too, so either call keeps each step
+        once in ``metrics.jsonl``."""
+        import functools
+
+        inner = self._ckpt.restore
+
+        @functools.wraps(inner)
+        def restore(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+            return self._restored(inner(*args, **kwargs))
+
+        self._ckpt.restore = restore
+
+    def restore(
+        self, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """``checkpointer.restore(...)`` (same arguments, same meta or None), then ``rewind`` to
+        the restored step. The meta carries ``step``, ``epoch``, ``sample`` and ``metrics`` (the
+        last value of each metric logged up to that step)."""
+        return self.checkpointer.restore(model, optimizer, **kwargs)
+
+    def _restored(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        step = meta.get("step") if meta is not None else None
+        step = int(step) if isinstance(step, int | float) else -1
+        self.rewind(step)
+        self._update = step + 1
+        if meta is None:
+            return None
+        progress = meta.get("training_iteration") or {}
+        meta.setdefault("epoch", progress.get("epoch"))
+        meta.setdefault("sample", progress.get("sample"))
+        meta.setdefault("metrics", self._metrics_at(step))
+        return meta
+
+    def rewind(self, step: int) -> int:
+        """Drop the metrics lines of earlier attempts with a step after ``step`` (the step the run
+        continues from; -1 drops them all); returns how many. They move to
+        ``metrics.superseded.jsonl``, and the lines this attempt logged stay."""
+        path = os.path.join(self.dir, "metrics.jsonl")
+        handle = getattr(self, "_metrics", None)
+        if handle is not None and not handle.closed:
+            handle.flush()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        old = data[: self._own_from].decode("utf-8", errors="replace").splitlines(keepends=True)
+        kept, dropped = _split_metrics(old, step)
+        if not dropped and len(kept) == len(old):
+            return 0
+        if dropped:
+            with open(self.path(_SUPERSEDED), "a", encoding="utf-8") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
+        kept = [line if line.endswith("\n") else line + "\n" for line in kept]
+        head = "".join(kept)
+        self._write("metrics.jsonl", head + data[self._own_from :].decode("utf-8", "replace"))
+        self._own_from = len(head.encode("utf-8"))
+        if handle is not None and not handle.closed:  # the old handle writes to the old inode
+            handle.close()
+            self._metrics = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        if dropped:
+            log.info("metrics after step %d of earlier attempts replaced (%d lines)", step,
+                     len(dropped))  # fmt: skip
+        return len(dropped)
+
+    def _metrics_at(self, step: int) -> dict[str, Any]:
+        """The last value of each metric logged at or before ``step``."""
+        out: dict[str, tuple[float, Any]] = {}
+        try:
+            with open(os.path.join(self.dir, "metrics.jsonl"), encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    s = row.get("step") if isinstance(row, dict) else None
+                    if not isinstance(s, int | float) or s > step or "key" not in row:
+                        continue
+                    if row["key"] not in out or s >= out[row["key"]][0]:
+                        out[row["key"]] = (s, row.get("value"))
+        except FileNotFoundError:
+            return {}
+        return {k: v for k, (_, v) in out.items()}
 
     # ---- records -----------------------------------------------------------------------------
 
@@ -373,20 +949,31 @@ class Experiment:
         _atomic_write(os.path.join(self.dir, rel), text)
 
     def _write_run(self, status: str) -> None:
+        """``run.json``: what the run is, who writes it (host, pid, process identity: how a
+        later look tells a killed run from a live one) and how earlier attempts ended."""
+        now = time.time()
+        started = _dt.datetime.fromtimestamp(self._started, _dt.UTC).isoformat()
         record = {
             "run": self.run,
             "project": self.project,
             "name": self.name,
             "seed": self.seed,
             "status": status,
-            "started": _dt.datetime.fromtimestamp(self._started, _dt.UTC).isoformat(),
+            "started": self._first_started or started,
+            "attempt": len(self._history) + 1,
+            "attempt_started": started,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process": _process_identity(os.getpid()),
+            "heartbeat": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(),
             "git_commit": self.git.get("commit"),
-            "store": self._store_url
-            or (self._ckpt.daemon_info.get("store") if self._ckpt else None),
+            "store": self._store(),
+            "attempts": self._history,
         }
         if status != "running":
-            record["finished"] = _dt.datetime.now(_dt.UTC).isoformat()
+            record["finished"] = record["heartbeat"]
         self._write("run.json", _json(record))
+        self._beat = now
 
     def _capture_logs(self, level: int) -> None:
         root = logging.getLogger()
@@ -442,6 +1029,8 @@ class Experiment:
         """End the current update: flush the metrics to the OS and advance the default step."""
         if not self._metrics.closed:
             self._metrics.flush()
+            if time.time() - self._beat >= _HEARTBEAT_S:
+                self._write_run("running")
         self._update += 1
 
     # ---- results -----------------------------------------------------------------------------
@@ -561,6 +1150,9 @@ class Experiment:
         self._metrics.close()
         self._release_logs()
         self._write_run(status)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         ok = False
         if self._ckpt is not None:
             try:
@@ -654,4 +1246,13 @@ def load_config(url: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["Experiment", "list_records", "load_config", "seed_everything", "to_plain"]
+__all__ = [
+    "Experiment",
+    "Resume",
+    "list_records",
+    "load_config",
+    "resolved_status",
+    "run_info",
+    "seed_everything",
+    "to_plain",
+]
