@@ -167,7 +167,7 @@ def _print_status(st: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         while True:
-            st = _request(args.socket, {"op": "status"}, 10.0)
+            st = _request(args.socket, {"op": "status"}, 30.0)
             if args.json:
                 print(json.dumps({k: v for k, v in st.items() if k not in ("ev", "rid")}, indent=1))
             else:
