@@ -282,3 +282,16 @@ def test_running_out_of_descriptors_is_survived(tmp_path, short_dir, fault_log) 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     fault_log("exhaustion: descriptors run out at accept", 1, 1, 0)
+
+
+def test_a_restarted_daemon_costs_a_live_trainer_at_most_its_in_flight_saves(daemon) -> None:  # type: ignore[no-untyped-def]
+    """The daemon restarts (systemd after a crash) under a training loop: the loop is not
+    crashed; its next save reconnects and commits."""
+    with Checkpointer("live", socket=daemon.socket) as ckpt:
+        ckpt.save(1, model=Net()).wait(timeout=30)
+        daemon.restart()
+        until(lambda: socket_ready(daemon.socket), 60, "the restarted daemon")
+        until(lambda: not ckpt._conn.alive, 30, "the client to see the old daemon go")  # type: ignore[union-attr]
+        ckpt.save(2, model=Net()).wait(timeout=30)
+    tags = [c["tag"] for c in ckptd.list_checkpoints(os.path.join(daemon.root, "live"))]
+    assert tags == ["step-00000001", "step-00000002"]
