@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import grp
-import json
 import logging
 import os
 import shutil
@@ -37,18 +35,18 @@ from ..errors import (
 )
 from ..header import FORMAT, decode_header
 from ..names import check_name
-from ..protocol import MAX_FRAME, FrameReader, encode
+from ..protocol import FrameReader
 from ..protocol import field as msg_field
 from ..retention import Retention
 from ..storage import Store, is_local, join_key, local_path, open_store
-from . import sdnotify
+from . import recovery, sdnotify
 from .commit import (
     StagedFile,
-    checkpoint_dir,
     commit,
     update_latest,
     write_staged,
 )
+from .connections import Client, ClientServer
 from .jobs import FINAL, Job, JobState
 from .lease import BytesSource, SlotLease
 from .mirror import Mirrors
@@ -68,16 +66,6 @@ _MAX_SLOTS = 64
 _MAX_SLOT_SIZE = 1 << 42
 _KEEP_FINISHED = 200
 _STORE_CHECK_TIMEOUT = 5.0
-_MAX_CONNS = 512
-"""Connections at once; more are refused with a message (each costs fds and memory)."""
-_MAX_BUFFERED = 128 << 20
-"""Bytes of unfinished incoming messages across all clients: half-sent frames cannot make the
-daemon's memory grow without bound."""
-_FRAME_DEADLINE = 30.0
-"""A message that has started arriving must be whole within this many seconds."""
-_OUTBOX = 1024
-_SEND_TIMEOUT = 15.0
-"""A client that has not taken a reply within this many seconds is dropped."""
 
 
 @dataclass(kw_only=True)
@@ -124,40 +112,18 @@ class DaemonConfig:
         self.socket = os.path.abspath(os.path.expanduser(self.socket))
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class _Conn:
-    def __init__(self, cid: int, sock: socket.socket) -> None:
-        self.id = cid
-        self.sock = sock
-        self.send_lock = asyncio.Lock()
-        # Replies wait here, bounded, for the connection's own sender task: a client that does
-        # not read its replies fills only its own queue and is dropped, never stalls the daemon.
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_OUTBOX)
-        self.sender: asyncio.Task[None] | None = None
-        self.buffered = 0  # bytes of unfinished incoming frames
-        self.slots: dict[int, tuple[int, int, int]] = {}  # index -> (fd, size, generation)
-        self.run: str | None = None
-        self.store: str | None = None
-        self.pid: int | None = None
-        self.alive = True
-
-    def close_fds(self) -> None:
-        for fd, _, _ in self.slots.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.slots.clear()
-
-
 class Daemon(ShardedCommits):
     def __init__(self, config: DaemonConfig) -> None:
         self.cfg = config
         self.jobs: dict[str, Job] = {}
-        self._conns: dict[int, _Conn] = {}
-        self._next_cid = 1
+        self.net = ClientServer(
+            config.socket,
+            gid=config.gid if config.group is not None else None,
+            dispatch=self._dispatch,
+            on_drop=self._on_drop,
+            spawn=self._spawn,
+        )
+        self._conns = self.net.clients  # id -> Client, owned by the client server
         self._write_sem = asyncio.Semaphore(config.writers)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._upload_queue: list[Job] = []
@@ -174,12 +140,10 @@ class Daemon(ShardedCommits):
         self._stop = asyncio.Event()
         self._critical: set[asyncio.Task[Any]] = set()
         self.fatal = False
-        self._buffered = 0
         self.mirrors = Mirrors(
             self._store, config.store or config.root, max_file_size=config.mirror_max_file_size
         )
         self._lock_fd: int | None = None
-        self._server_sock: socket.socket | None = None
         self._started = time.time()
         self._bytes_written_total = 0
         self._bytes_uploaded_total = 0
@@ -194,11 +158,11 @@ class Daemon(ShardedCommits):
             store = self._store(self.cfg.store)
             await store.check_access()
         self._rescan()
-        self._listen()
+        self.net.listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self._spawn(self._accept_loop(), critical=True)
+        self._spawn(self.net.accept_loop(), critical=True)
         for _ in range(self.cfg.uploads):
             self._spawn(self._upload_worker(), critical=True)
         if self.cfg.preemption is not None:
@@ -228,11 +192,7 @@ class Daemon(ShardedCommits):
             "STATUS=draining",
             f"EXTEND_TIMEOUT_USEC={int((self.cfg.drain_timeout + 10) * 1e6)}",
         )
-        if self._server_sock is not None:
-            asyncio.get_running_loop().remove_reader(self._server_sock.fileno())
-            self._server_sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cfg.socket)
+        self.net.close()
         deadline = time.monotonic() + self.cfg.drain_timeout
         extender = self._spawn(self._extend_stop_timeout(deadline))
         ok, left = await self.drain(deadline - time.monotonic())
@@ -243,8 +203,7 @@ class Daemon(ShardedCommits):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for conn in list(self._conns.values()):
-            self._drop(conn)
+        self.net.close_all()
         for store in self._stores.values():
             with contextlib.suppress(CkptdError, OSError):
                 await store.close()
@@ -300,240 +259,21 @@ class Daemon(ShardedCommits):
     # ---- root, lock, rescan ----------------------------------------------------------------
 
     def _prepare_root(self) -> None:
-        # Everything the daemon creates is owner-only (or group-readable with --group).
-        os.umask(0o027 if self.cfg.group is not None else 0o077)
-        root = self.cfg.root
-        try:
-            os.makedirs(os.path.join(root, ".ckptd"), exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create root {root}: {e.strerror}") from e
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise ConfigError(f"root {root} is not writable by this user")
-        if self.cfg.group is not None:
-            with contextlib.suppress(PermissionError):
-                os.chown(root, -1, self.cfg.gid)
-        elif os.stat(root).st_mode & 0o077:
-            log.warning("root %s is readable by other users; `chmod go-rwx` it (or pass --group)",
-                        root)  # fmt: skip
-        lock_path = os.path.join(root, ".ckptd", "lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ConfigError(
-                f"another ckptd daemon (pid {other}) already serves root {root}; "
-                "stop it or use another --root"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        gid = self.cfg.gid if self.cfg.group is not None else None
+        self._lock_fd = recovery.prepare_root(self.cfg.root, gid=gid)
 
     def _rescan(self) -> None:
-        """Drop what a crash left half-written; find committed checkpoints and owed uploads."""
-        root = self.cfg.root
-        committed = removed = 0
-        for dirpath, dirnames, _ in os.walk(root):
-            depth = dirpath[len(root) :].count(os.sep)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "experiment"]
-            if depth > 12:
-                dirnames[:] = []
-                continue
-            if os.path.basename(dirpath) != "checkpoints":
-                continue
-            dirnames[:] = []
-            for name in os.listdir(dirpath):
-                path = os.path.join(dirpath, name)
-                if not os.path.isdir(path):
-                    continue
-                if name.endswith(".partial") or not os.path.exists(
-                    os.path.join(path, "MANIFEST.json")
-                ):
-                    log.warning("removing incomplete checkpoint directory %s", path)
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
-                else:
-                    committed += 1
-        parts = os.path.join(root, ".ckptd", "parts")
-        if os.path.isdir(parts):
-            # Parts of sharded saves that were in flight: their ranks saw the daemon go and their
-            # saves failed, so no commit will ever list them.
-            log.warning("removing parts of unfinished sharded saves in %s", parts)
-            shutil.rmtree(parts, ignore_errors=True)
-        owed = 0
-        for run, tag, store in pending_records(root):
-            manifest = os.path.join(checkpoint_dir(root, run, tag), "MANIFEST.json")
-            if not os.path.exists(manifest):
-                clear_record(root, run, tag)
-                continue
-            try:
-                with open(manifest) as f:
-                    step = int(json.load(f).get("step", -1))
-            except (OSError, ValueError) as e:
-                log.error("unreadable manifest %s: %s", manifest, e)
-                continue
-            job = Job(run=run, tag=tag, step=step, store=store, state=JobState.COMMITTED)
+        """Drop what a crash left half-written; queue the uploads still owed."""
+        for owed in recovery.rescan(self.cfg.root):
+            job = Job(run=owed.run, tag=owed.tag, step=owed.step, store=owed.store,
+                      state=JobState.COMMITTED)  # fmt: skip
             job.committed_at = time.time()
             self._add_job(job)
             self._enqueue_upload(job)
-            owed += 1
-        log.info(
-            "root %s: %d committed checkpoint(s), %d incomplete removed, %d upload(s) to resume",
-            root,
-            committed,
-            removed,
-            owed,
-        )
 
     # ---- socket ------------------------------------------------------------------------------
 
-    def _listen(self) -> None:
-        path = self.cfg.socket
-        parent = os.path.dirname(path)
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        check_socket_dir(parent)
-        if os.path.lexists(path) and os.lstat(path).st_uid != os.geteuid():
-            raise ConfigError(
-                f"{path} exists and belongs to uid {os.lstat(path).st_uid}, not to this user: "
-                "refusing to serve there (someone else may be waiting for your saves)"
-            )
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead daemon
-            else:
-                raise ConfigError(f"another ckptd daemon is listening on {path}")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o077)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        if self.cfg.group is not None:
-            os.chown(path, -1, self.cfg.gid)
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-        sock.listen(128)
-        sock.setblocking(False)
-        self._server_sock = sock
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._server_sock is not None
-        backoff = 0.05
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(self._server_sock)
-            except OSError as e:
-                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # Out of descriptors: the pending client waits in the backlog until some close.
-                log.error("cannot accept a client: %s; retrying in %.2f s", e.strerror, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            backoff = 0.05
-            sock.setblocking(False)
-            if len(self._conns) >= _MAX_CONNS:
-                log.warning("refusing a client: %d connections already", len(self._conns))
-                with contextlib.suppress(OSError):
-                    sock.send(encode({"ev": "error", "error": "too many clients connected"}))
-                sock.close()
-                continue
-            conn = _Conn(self._next_cid, sock)
-            self._next_cid += 1
-            self._conns[conn.id] = conn
-            conn.sender = self._spawn(self._sender(conn))
-            self._spawn(self._serve_conn(conn))
-
-    async def _sender(self, conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            frame = await conn.outbox.get()
-            try:
-                async with conn.send_lock:
-                    await asyncio.wait_for(loop.sock_sendall(conn.sock, frame), _SEND_TIMEOUT)
-            except TimeoutError:
-                log.warning("client %d (pid %s) has not read its replies for %.0f s; dropping it",
-                            conn.id, conn.pid, _SEND_TIMEOUT)  # fmt: skip
-                self._drop(conn)
-                return
-            except OSError as e:
-                log.debug("cannot tell client %d: %s", conn.id, e)
-                self._drop(conn)
-                return
-
-    async def _recv(self, sock: socket.socket) -> tuple[bytes, list[int]]:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data, fds, flags, _ = socket.recv_fds(sock, 1 << 20, 4)
-            except BlockingIOError:
-                fut: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(sock.fileno(), _wake, fut)
-                try:
-                    await fut
-                finally:
-                    loop.remove_reader(sock.fileno())
-                continue
-            if flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
-                raise ProtocolError("too many file descriptors in one message")
-            return data, fds
-
-    async def _serve_conn(self, conn: _Conn) -> None:
-        reader = FrameReader(MAX_FRAME)
-        try:
-            while True:
-                if reader.pending_bytes:
-                    try:
-                        data, fds = await asyncio.wait_for(self._recv(conn.sock), _FRAME_DEADLINE)
-                    except TimeoutError:
-                        raise ProtocolError(
-                            f"a message stayed unfinished for {_FRAME_DEADLINE:.0f} s"
-                        ) from None
-                else:
-                    data, fds = await self._recv(conn.sock)
-                if not data and not fds:
-                    break
-                reader.feed(data, fds)
-                self._account(conn, reader.pending_bytes)
-                if self._buffered > _MAX_BUFFERED:
-                    raise ProtocolError(
-                        f"the daemon holds {self._buffered >> 20} MiB of unfinished messages "
-                        "from its clients; dropping this one"
-                    )
-                for msg in reader.messages():
-                    self._account(conn, reader.pending_bytes)
-                    try:
-                        await self._dispatch(conn, msg, reader)
-                    except ConfigError as e:  # e.g. a bad name: answer it, keep the client
-                        await self._refuse(conn, msg, str(e))
-                self._account(conn, reader.pending_bytes)
-        except ProtocolError as e:
-            log.warning("client %d (pid %s): %s; dropping the connection", conn.id, conn.pid, e)
-            await self._send_last(conn, {"ev": "error", "error": str(e)})
-        except (ConnectionError, OSError) as e:
-            log.info("client %d (pid %s) went away: %s", conn.id, conn.pid, e)
-        finally:
-            self._account(conn, 0)
-            while reader.fds:
-                with contextlib.suppress(OSError):
-                    os.close(reader.fds.popleft())
-            self._drop(conn)
-
-    def _account(self, conn: _Conn, pending: int) -> None:
-        self._buffered += pending - conn.buffered
-        conn.buffered = pending
-
-    async def _refuse(self, conn: _Conn, msg: dict[str, Any], error: str) -> None:
+    async def _refuse(self, conn: Client, msg: dict[str, Any], error: str) -> None:
         """Tell the client why its message was refused, as the reply it waits for."""
         log.warning("client %d (pid %s): refused %r: %s", conn.id, conn.pid, msg.get("op"), error)
         if msg.get("op") == "save" and isinstance(msg.get("id"), int):
@@ -542,38 +282,22 @@ class Daemon(ShardedCommits):
         else:
             await self._send(conn, {"ev": "error", "rid": msg.get("rid"), "error": error})
 
-    async def _send_last(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        """A final message before dropping the client: sent now, briefly, past the queue."""
-        with contextlib.suppress(OSError, TimeoutError):
-            async with conn.send_lock:
-                await asyncio.wait_for(
-                    asyncio.get_running_loop().sock_sendall(conn.sock, encode(msg)), 1.0
-                )
-
-    def _drop(self, conn: _Conn) -> None:
-        conn.alive = False
-        if conn.sender is not None and conn.sender is not asyncio.current_task():
-            conn.sender.cancel()
+    def _on_drop(self, conn: Client) -> None:
         for run in [r for r, cid in self._writers.items() if cid == conn.id]:
             del self._writers[run]
         self.mirrors.release(conn.id)  # flush what it wrote (even after a crash), stop watching
-        self._conns.pop(conn.id, None)
-        conn.close_fds()
-        with contextlib.suppress(OSError):
-            conn.sock.close()
 
-    async def _send(self, conn: _Conn | None, msg: dict[str, Any]) -> None:
-        """Queue a message for the client; never waits for the client to read it."""
-        if conn is None or not conn.alive:
-            return
+    async def _send(self, conn: Client | None, msg: dict[str, Any]) -> None:
+        if conn is not None:
+            conn.send(msg)
+
+    async def _dispatch(self, conn: Client, msg: dict[str, Any], reader: FrameReader) -> None:
         try:
-            conn.outbox.put_nowait(encode(msg))
-        except asyncio.QueueFull:
-            log.warning("client %d (pid %s) does not read its replies; dropping it",
-                        conn.id, conn.pid)  # fmt: skip
-            self._drop(conn)
+            await self._handle(conn, msg, reader)
+        except ConfigError as e:  # e.g. a bad name: answer it, keep the client
+            await self._refuse(conn, msg, str(e))
 
-    async def _dispatch(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
+    async def _handle(self, conn: Client, msg: dict[str, Any], reader: FrameReader) -> None:
         op = msg_field(msg, "op", str)
         if op == "hello":
             conn.pid = msg_field(msg, "pid", int, optional=True)
@@ -602,7 +326,7 @@ class Daemon(ShardedCommits):
         else:
             raise ProtocolError(f"unknown op {op!r}")
 
-    async def _reply_mirror(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    async def _reply_mirror(self, conn: Client, msg: dict[str, Any]) -> None:
         try:
             reply = await self.mirrors.handle(msg, client=conn.id)
         except (CkptdError, OSError) as e:  # bad run/dir/action, or no inotify watch left
@@ -621,7 +345,7 @@ class Daemon(ShardedCommits):
             "features": ["mirror", "parts"],
         }
 
-    def _on_slot(self, conn: _Conn, msg: dict[str, Any], reader: FrameReader) -> None:
+    def _on_slot(self, conn: Client, msg: dict[str, Any], reader: FrameReader) -> None:
         if not reader.fds:
             raise ProtocolError("slot message without a file descriptor")
         fd = reader.fds.popleft()
@@ -637,12 +361,9 @@ class Daemon(ShardedCommits):
         except (ProtocolError, OSError):
             os.close(fd)
             raise
-        old = conn.slots.pop(index, None)
-        if old is not None:
-            os.close(old[0])
-        conn.slots[index] = (fd, size, gen)
+        conn.set_slot(index, fd, size, gen)
 
-    def _on_save(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _on_save(self, conn: Client, msg: dict[str, Any]) -> None:
         save_id = msg_field(msg, "id", int)
         run = check_name(msg_field(msg, "run", str), "run")
         tag = check_name(msg_field(msg, "tag", str), "tag")
@@ -681,7 +402,7 @@ class Daemon(ShardedCommits):
         else:
             self._spawn(self._write(job, files, inline, lease, msg.get("slot"), manifest_in))
 
-    def _claim_writer(self, conn: _Conn, run: str) -> str | None:
+    def _claim_writer(self, conn: Client, run: str) -> str | None:
         """One live writer per run: the first connection that saves whole checkpoints of a run
         holds it until it disconnects; another one is refused, naming the holder. (Ranks of a
         sharded save write parts of one run together and are not writers in this sense.)"""
@@ -696,7 +417,7 @@ class Daemon(ShardedCommits):
         )
 
     def _validate_files(
-        self, conn: _Conn, msg: dict[str, Any]
+        self, conn: Client, msg: dict[str, Any]
     ) -> tuple[list[StagedFile], dict[str, bytes], SlotLease | None, int]:
         raw_files = msg_field(msg, "files", list)
         raw_inline = msg_field(msg, "inline", dict, optional=True) or {}
@@ -904,21 +625,12 @@ class Daemon(ShardedCommits):
         async with self._latest_lock:  # concurrent writers must not race on one pointer
             newest = self._latest_step.get(job.run)
             if newest is None:
-                newest = await asyncio.to_thread(self._read_latest_step, job.run)
+                newest = await asyncio.to_thread(recovery.latest_step, self.cfg.root, job.run)
             if job.step >= newest:
                 await asyncio.to_thread(update_latest, self.cfg.root, job.run, job.tag)
                 self._latest_step[job.run] = job.step
             else:
                 self._latest_step[job.run] = newest
-
-    def _read_latest_step(self, run: str) -> int:
-        try:
-            with open(os.path.join(self.cfg.root, run, "latest")) as f:
-                tag = f.read().strip()
-            with open(os.path.join(checkpoint_dir(self.cfg.root, run, tag), "MANIFEST.json")) as f:
-                return int(json.load(f).get("step", -1))
-        except (OSError, ValueError):
-            return -1
 
     # ---- upload stage ----------------------------------------------------------------------------
 
@@ -1142,7 +854,7 @@ class Daemon(ShardedCommits):
         left_jobs = self.unfinished()
         return not left_jobs and mirrored, left_jobs
 
-    async def _reply_drain(self, conn: _Conn, rid: Any, timeout: float | None) -> None:
+    async def _reply_drain(self, conn: Client, rid: Any, timeout: float | None) -> None:
         ok, left = await self.drain(timeout)
         await self._send(
             conn, {"ev": "drained", "rid": rid, "ok": ok, "pending": [j.as_dict() for j in left]}
@@ -1171,27 +883,6 @@ class Daemon(ShardedCommits):
             "mirrors": self.mirrors.pending(),
             "jobs": [j.as_dict() for j in jobs[-50:]],
         }
-
-
-def check_socket_dir(parent: str) -> None:
-    """The socket's directory must be ours and writable by nobody else (or a sticky directory
-    of root's, like /tmp): whoever can write there can replace the socket with their own and
-    read every save of every client."""
-    st = os.lstat(parent)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"socket directory {parent} is not a plain directory (a symlink?)")
-    sticky_system = bool(st.st_mode & stat.S_ISVTX) and st.st_uid == 0
-    if st.st_uid != os.geteuid() and not sticky_system:
-        raise ConfigError(
-            f"socket directory {parent} belongs to uid {st.st_uid}, not to this user "
-            f"(uid {os.geteuid()}): another user may have created it to intercept saves. "
-            "Remove it or choose another --socket"
-        )
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise ConfigError(
-            f"socket directory {parent} is writable by other users (mode "
-            f"{stat.S_IMODE(st.st_mode):o}): chmod go-w it or choose another --socket"
-        )
 
 
 def _segments(name: str, raw: list[Any], size: int) -> list[tuple[int, int]]:

@@ -32,7 +32,8 @@ from .lease import SlotLease
 from .upload import journal_dir, update_remote_latest
 
 if TYPE_CHECKING:
-    from .server import Daemon, _Conn
+    from .connections import Client
+    from .server import Daemon
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -140,7 +141,7 @@ class ShardedCommits:
         with contextlib.suppress(OSError):  # empty once every part of this node is up
             os.rmdir(jdir)
 
-    async def _reply_commit(self: Daemon, conn: _Conn, msg: dict[str, Any]) -> None:
+    async def _reply_commit(self: Daemon, conn: Client, msg: dict[str, Any]) -> None:
         """The global commit of a sharded checkpoint, asked by its coordinating rank once every
         rank's part is committed (local root) or uploaded (store): the metadata, then
         MANIFEST.json last, then ``latest``. Parts are checked to be in place first."""
