@@ -68,6 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 keep_last=args.keep_last,
                 keep_every=args.keep_every,
                 keep_optim_last=args.keep_optim_last,
+                keep_best=args.keep_best,
+                metric=args.keep_best_metric,
+                mode=args.keep_best_mode,
             ),
             local_retention=Retention(keep_last=args.local_keep_last),
             preemption=PreemptionConfig(
@@ -297,7 +300,32 @@ def _retention_args(sp: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="M",
-        help="keep optimizer state only in the newest M checkpoints",
+        help="keep optimizer state only in the newest M checkpoints: the one rewrite of a "
+        "committed checkpoint (its MANIFEST.json is rewritten to list fewer files; the files it "
+        "still lists are untouched)",
+    )
+    sp.add_argument(
+        "--keep-best",
+        type=int,
+        default=None,
+        metavar="B",
+        help="also keep the best B checkpoints by --keep-best-metric (a checkpoint that lacks the "
+        "metric never counts as best); without --keep-last, every checkpoint that is neither best "
+        "nor the newest is deleted. The newest checkpoint is always kept",
+    )
+    sp.add_argument(
+        "--keep-best-metric",
+        default=None,
+        metavar="NAME",
+        help="the metric that ranks for --keep-best, as recorded by save(..., metrics={NAME: x}), "
+        "e.g. val_loss",
+    )
+    sp.add_argument(
+        "--keep-best-mode",
+        choices=["min", "max"],
+        default="min",
+        help="min: lower is better (a loss); max: higher is better (an accuracy) "
+        "(default: %(default)s)",
     )
 
 
@@ -307,7 +335,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from .storage import join_key, open_store
 
     policy = Retention(keep_last=args.keep_last, keep_every=args.keep_every,
-                       keep_optim_last=args.keep_optim_last)  # fmt: skip
+                       keep_optim_last=args.keep_optim_last, keep_best=args.keep_best,
+                       metric=args.keep_best_metric, mode=args.keep_best_mode)  # fmt: skip
     if list_checkpoints(args.url):
         base, _, run = args.url.rstrip("/").rpartition("/")
         runs = [run]

@@ -1,10 +1,17 @@
 """Retention: which checkpoints of a run to keep, and applying that to any store.
 
 One policy, applied the same way to the daemon's local root (a ``LocalStore``) and to a remote
-store. Deleting is ordered so a reader never sees a checkpoint with a missing file: the manifest
-goes first (the checkpoint becomes invisible), then the data. Dropping optimizer state from an
-older checkpoint rewrites its manifest without those files first, then deletes them. A failed
-delete is logged and skipped, never fatal.
+store. A checkpoint is kept if it is among the newest ``keep_last``, a multiple of ``keep_every``,
+or among the best ``keep_best`` by a metric its manifest records; the newest checkpoint is always
+kept, because it is the one a resume needs. Deleting is ordered so a reader never sees a
+checkpoint with a missing file: the manifest goes first (the checkpoint becomes invisible), then
+the data. A failed delete is logged and skipped, never fatal.
+
+Dropping optimizer state (``keep_optim_last``) is the one deliberate exception to "no object of a
+committed checkpoint is ever rewritten": the checkpoint's ``MANIFEST.json`` is rewritten first to
+list fewer files (and name the dropped ones in ``optimizer_dropped``), then those files are
+deleted. The files the manifest still lists are never touched, so the slimmed checkpoint still
+verifies and loads its weights; a reader racing the rewrite sees either manifest, both valid.
 
 Only what a validated manifest names is deleted: keys ``<run>/checkpoints/<tag>/<file>`` whose run,
 tag and file names pass the name rule, under the tag the manifest was found under (a manifest
@@ -14,8 +21,10 @@ through a symbolic link (see ``storage.local``).
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +35,11 @@ from .storage import Store, join_key
 log = logging.getLogger("ckptd.retention")
 
 
+class BestMode(enum.StrEnum):
+    MIN = "min"  # lower is better (a loss)
+    MAX = "max"  # higher is better (an accuracy)
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Retention:
     keep_last: int | None = None
@@ -33,20 +47,51 @@ class Retention:
     keep_every: int | None = None
     """Also keep every checkpoint whose step is a multiple of K (milestones)."""
     keep_optim_last: int | None = None
-    """Keep optimizer state only in the newest M kept checkpoints (it is ~2x the weights)."""
+    """Keep optimizer state only in the newest M kept checkpoints (it is ~2x the weights).
+    Rewrites those checkpoints' manifests: the one exception to never rewriting (see above)."""
+    keep_best: int | None = None
+    """Also keep the best B checkpoints by ``metric``. Set alone (no ``keep_last``), it deletes
+    every checkpoint that is neither best nor the newest."""
+    metric: str | None = None
+    """The manifest metric (``save(..., metrics={name: value})``) that ranks for ``keep_best``.
+    A checkpoint without it (or with a non-finite value) never counts as best."""
+    mode: BestMode | str = BestMode.MIN
+    """min: lower is better (a loss); max: higher is better (an accuracy)."""
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "keep_optim_last"):
+        for name in ("keep_last", "keep_every", "keep_optim_last", "keep_best"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ConfigError(
                     f"{name} must be a positive integer (0 would delete the checkpoint a resume "
                     f"needs), not {value!r}"
                 )
+        try:
+            object.__setattr__(self, "mode", BestMode(self.mode))  # frozen: normalize once
+        except ValueError:
+            choices = ", ".join(m.value for m in BestMode)
+            raise ConfigError(
+                f"keep-best mode must be one of {choices}, not {self.mode!r}"
+            ) from None
+        if self.keep_best is not None and not (isinstance(self.metric, str) and self.metric):
+            raise ConfigError(
+                "keep_best needs a metric to rank by (the name passed to save(metrics=...), "
+                f"e.g. val_loss), not {self.metric!r}"
+            )
+        if self.metric is not None and self.keep_best is None:
+            raise ConfigError(
+                f"metric {self.metric!r} is set but keep_best is not: say how many best to keep"
+            )
 
     @property
     def active(self) -> bool:
-        return self.keep_last is not None or self.keep_optim_last is not None
+        return (
+            self.keep_last is not None
+            or self.keep_optim_last is not None
+            or self.keep_best is not None
+        )
 
 
 @dataclass(slots=True)
@@ -58,15 +103,21 @@ class Plan:
 def plan(
     manifests: list[dict[str, Any]], policy: Retention, protect: set[str] | None = None
 ) -> Plan:
-    """Decide on manifests sorted oldest first. ``protect`` tags are never touched."""
-    newest_first = sorted(manifests, key=lambda m: int(m.get("step", -1)), reverse=True)
+    """Decide on manifests sorted oldest first. ``protect`` tags are never touched; the newest
+    manifest (last in the list) is always kept, whatever the policy."""
+    newest_first = list(reversed(manifests))
+    newest_first.sort(key=lambda m: int(m.get("step", -1)), reverse=True)  # stable: ties keep order
+    best = _best_tags(newest_first, policy)
     keep: list[dict[str, Any]] = []
     delete: list[dict[str, Any]] = []
     for i, m in enumerate(newest_first):
         step = int(m.get("step", -1))
-        recent = policy.keep_last is None or i < policy.keep_last
+        if policy.keep_last is not None:
+            recent = i < policy.keep_last
+        else:  # keep_best alone keeps only the best and the newest; no policy at all keeps all
+            recent = i == 0 or policy.keep_best is None
         milestone = policy.keep_every is not None and step >= 0 and step % policy.keep_every == 0
-        if recent or milestone or m["tag"] in (protect or ()):
+        if recent or milestone or m["tag"] in best or m["tag"] in (protect or ()):
             keep.append(m)
         else:
             delete.append(m)
@@ -78,6 +129,33 @@ def plan(
             ):
                 strip.append(m)
     return Plan(delete, strip)
+
+
+def _best_tags(newest_first: list[dict[str, Any]], policy: Retention) -> set[str]:
+    """Tags of the best ``keep_best`` by ``metric``; a tie goes to the newer checkpoint."""
+    if policy.keep_best is None or policy.metric is None:
+        return set()
+    ranked: list[tuple[float, int, str]] = []
+    for i, m in enumerate(newest_first):
+        value = _metric(m, policy.metric)
+        if value is not None:
+            ranked.append((-value if policy.mode == BestMode.MAX else value, i, m["tag"]))
+    ranked.sort()
+    return {tag for _, _, tag in ranked[: policy.keep_best]}
+
+
+def _metric(m: dict[str, Any], name: str) -> float | None:
+    """The finite number a manifest records for ``name``, else None: a manifest is untrusted,
+    and a missing, non-numeric or NaN value must never outrank a real one."""
+    metrics = m.get("metrics")
+    value = metrics.get(name) if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # a huge JSON integer
+        return None
+    return value if math.isfinite(value) else None
 
 
 async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] | None = None,
