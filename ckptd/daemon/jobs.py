@@ -1,7 +1,10 @@
-"""What the daemon knows about each checkpoint it is handling, for events, status and drain."""
+"""The job table: what the daemon knows about each checkpoint it handles, and the one place
+where a job ends (uploaded, failed, dropped) and its client hears of it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ class JobState(enum.StrEnum):
 
 
 FINAL = {JobState.UPLOADED, JobState.FAILED, JobState.DROPPED}
+_NO_SLOT: Any = object()
 
 
 @dataclass(slots=True, eq=False)
@@ -75,3 +79,108 @@ class Job:
             "committed_at": self.committed_at,
             "uploaded_at": self.uploaded_at,
         }
+
+
+@dataclass(slots=True)
+class Stats:
+    """Totals since start, for ``status``."""
+
+    bytes_written: int = 0
+    bytes_uploaded: int = 0
+
+
+class JobTable:
+    """Every checkpoint the daemon handles, and the only place where one becomes final.
+
+    Stages move a job through WRITING, COMMITTED and UPLOADING; ``finish``, ``fail`` and
+    ``drop`` end it, tell its client, and wake whoever waits in ``settle`` (drain, shutdown).
+    ``refusal`` is the one admission check for whole saves, parts and sharded commits alike.
+    """
+
+    def __init__(self, clients: dict[int, Any], keep_finished: int = 200) -> None:
+        self.jobs: dict[str, Job] = {}
+        self._clients = clients
+        self._keep = keep_finished
+        self._change = asyncio.Condition()
+        self.closing = False
+
+    def client(self, job: Job) -> Any:
+        return self._clients.get(job.client or -1)
+
+    def send(self, job: Job, msg: dict[str, Any]) -> None:
+        if (client := self.client(job)) is not None:
+            client.send(msg)
+
+    def refusal(self, job: Job) -> str | None:
+        """Why a new job cannot start now, or None. A whole save or commit of a tag in
+        progress blocks a part of it too, and vice versa."""
+        if self.closing:
+            return "the daemon is shutting down; save refused"
+        for key in dict.fromkeys((f"{job.run}@{job.tag}", job.key)):
+            if (old := self.jobs.get(key)) is not None and old.pending:
+                return f"{key} is already being saved"
+        return None
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.key] = job
+        if len(self.jobs) > self._keep * 2:
+            done = [k for k, j in self.jobs.items() if j.state in FINAL]
+            for k in done[: len(done) - self._keep]:
+                del self.jobs[k]
+
+    def get(self, key: str) -> Job | None:
+        return self.jobs.get(key)
+
+    def values(self) -> list[Job]:
+        return list(self.jobs.values())
+
+    async def changed(self) -> None:
+        async with self._change:
+            self._change.notify_all()
+
+    async def finish(self, job: Job) -> None:
+        job.state = JobState.UPLOADED
+        job.uploaded_at = time.time()
+        self.send(job, {"ev": "uploaded", "id": job.save_id})
+        await self.changed()
+
+    async def fail(self, job: Job, error: str, *, release_slot: Any = _NO_SLOT) -> None:
+        """End a job as failed; ``release_slot`` also tells the client its slot is free."""
+        job.state = JobState.FAILED
+        job.error = error
+        if release_slot is not _NO_SLOT:
+            self.send(job, {"ev": "released", "id": job.save_id, "slot": release_slot})
+        self.send(job, {"ev": "failed", "id": job.save_id, "error": error})
+        await self.changed()
+
+    async def drop(self, job: Job, reason: str) -> None:
+        job.state = JobState.DROPPED
+        job.error = reason
+        await self.changed()
+
+    def unfinished(self) -> list[Job]:
+        """Jobs still pending, and upload failures: checkpoints that are not in their store."""
+        return [
+            j
+            for j in self.jobs.values()
+            if j.pending or (j.state == JobState.FAILED and j.committed_at is not None)
+        ]
+
+    async def settle(self, deadline: float | None) -> None:
+        """Wait until no job is pending, or until ``deadline`` (monotonic)."""
+        async with self._change:
+            while any(j.pending for j in self.jobs.values()):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._change.wait(), timeout=min(left or 1.0, 1.0))
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for j in self.jobs.values():
+            counts[str(j.state)] = counts.get(str(j.state), 0) + 1
+        return counts
+
+    def recent(self, n: int) -> list[dict[str, Any]]:
+        return [j.as_dict() for j in sorted(self.jobs.values(), key=lambda j: j.created)[-n:]]

@@ -147,12 +147,3 @@ async def remote_manifest_differs(
     except NotFoundError:
         return False
     return bool(theirs != ours)
-
-
-async def update_remote_latest(
-    store: Store, run: str, tag: str, with_retries: Callable[..., Any]
-) -> None:
-    await with_retries(
-        lambda: store.put_bytes(join_key(run, "latest"), (tag + "\n").encode()),
-        what=f"update {run}/latest",
-    )
