@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from ckptd.testing.servers import S3_ENV, bucket_name, create_gcs_bucket
+
 from . import runners as R
-from .infra import S3_ENV, Infra, bucket_name, create_gcs_bucket
+from .infra import Infra
 from .report import (
     CKPTD,
     CKPTD_COMMIT,

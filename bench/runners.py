@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import ckptd
-from ckptd.demo import bitwise_equal
+from ckptd.compare import bitwise_equal
 
 from .infra import Infra, settle
 from .states import State

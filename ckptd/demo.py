@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .client import Checkpointer
+from .compare import bitwise_equal
 from .reader import load
 from .spawn import DaemonProcess
 
@@ -82,33 +83,6 @@ def _make(width: int) -> tuple[TinyLM, torch.optim.Optimizer, Any]:
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     return model, opt, sched
-
-
-def bitwise_equal(a: Any, b: Any) -> bool:
-    """Same structure, same types, and tensors equal bit for bit (NaNs and -0.0 included)."""
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        if a.numel() == 0:
-            return True
-        return bool(torch.equal(_bytes(a), _bytes(b)))
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(bitwise_equal(a[k], b[k]) for k in a)
-        )
-    if isinstance(a, list | tuple):
-        return (
-            type(a) is type(b)
-            and len(a) == len(b)
-            and all(bitwise_equal(x, y) for x, y in zip(a, b, strict=True))
-        )
-    return bool(a == b)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def run_demo(args: argparse.Namespace) -> int:

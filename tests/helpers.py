@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptd.demo import bitwise_equal
+from ckptd.compare import bitwise_equal
 
 __all__ = ["Net", "bitwise_equal", "train_steps", "until"]
 

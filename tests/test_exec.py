@@ -22,7 +22,7 @@ import pytest
 from ckptd.errors import ConfigError
 from ckptd.execcmd import run_exec
 from ckptd.spawn import socket_ready
-from tests.servers import free_port
+from ckptd.testing.servers import free_port
 
 BOUND_S = 60.0
 

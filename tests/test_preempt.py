@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ckptd.daemon.preempt import PreemptionConfig, PreemptionMode, detect, watch_preemption
 from ckptd.errors import ConfigError
-from tests.servers import free_port
+from ckptd.testing.servers import free_port
 
 BOUND_S = 10.0
 
