@@ -7,6 +7,10 @@ verification, the newest verifying manifest wins. A bad manifest hides its own c
 listings (with a warning naming it), never the run; asking for that tag by name fails with an
 ``IntegrityError`` naming it. In a local store nothing below the run is opened through a
 symbolic link, and ``restore`` never follows one in its destination.
+
+A run may live in several places (the daemon's root and the store): ``newest_first`` orders the
+checkpoints of all of them, ``open_newest`` reads the first that verifies, falling back to older
+ones. Long reads (downloads, checksum passes) draw a ``ckptd.progress`` line on a terminal.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -34,7 +38,8 @@ from .errors import (
     TransientStorageError,
 )
 from .names import MANIFEST, check_name
-from .storage import Store, is_local, join_key, local_path, open_store
+from .progress import Progress
+from .storage import ProgressFn, Store, is_local, join_key, local_path, open_store
 from .storage.local import dir_beneath, is_link_refusal, open_beneath
 
 log = logging.getLogger("ckptd.catalog")
@@ -248,12 +253,18 @@ def list_runs(url: str) -> list[str]:
     return run_sync(go())
 
 
-async def _fetch(store: Store, manifest: dict[str, Any], into: str) -> None:
-    """Download a validated manifest's files into the fresh private directory ``into``."""
+async def _fetch(
+    store: Store, manifest: dict[str, Any], into: str, progress: ProgressFn | None = None
+) -> None:
+    """Download a validated manifest's files into the fresh private directory ``into``.
+
+    ``get_file`` reports no progress of its own, so ``progress`` hears of each file once done."""
     prefix = join_key("checkpoints", manifest["tag"])
 
     async def one(name: str, rec: dict[str, Any]) -> None:
         await store.get_file(join_key(prefix, name), os.path.join(into, name), size=rec["size"])
+        if progress is not None:
+            progress(rec["size"])
 
     await asyncio.gather(*(one(n, r) for n, r in manifest["files"].items()))
 
@@ -261,11 +272,12 @@ async def _fetch(store: Store, manifest: dict[str, Any], into: str) -> None:
 # ---- verify and restore ----------------------------------------------------------------------------
 
 
-def _locate(url: str, tag: str) -> Located:
-    """The checkpoint ``url``@``tag`` names: a bare directory, or the best candidate of a run."""
+def _in_location(url: str, tag: str) -> list[Located]:
+    """The checkpoints ``url``@``tag`` may name, best first: a bare directory is its own one; a
+    run gives its ``_candidates`` (for latest: the pointer, then newest first)."""
     if (direct := checkpoint_directory(url)) is not None:
         path, manifest = direct
-        return Located(path, manifest["tag"], manifest, directory=path)
+        return [Located(path, manifest["tag"], manifest, directory=path)]
     base, implied = _normalize(url)
     if implied is not None and tag == "latest":
         tag = implied
@@ -274,10 +286,99 @@ def _locate(url: str, tag: str) -> Located:
         async with open_store(base) as store:
             return await _candidates(store, tag)
 
-    cands = run_sync(go())
+    return [Located(base, m["tag"], m) for m in run_sync(go())]
+
+
+def newest_first(urls: Sequence[str], tag: str = "latest") -> list[Located]:
+    """The checkpoints ``tag`` names over all of ``urls`` (the daemon's root, then the store),
+    best first, without reading their data.
+
+    For latest: by step, highest first, the earlier URL first at equal steps (the root is local:
+    nothing to download), each location's own order kept within a step. A fresh machine's root
+    may hold older saves than the store, so the first location that has any is not enough. For a
+    named tag: its copy in each location that has one, in the order of ``urls``.
+
+    ``[]``: no location has a checkpoint. A named tag that no location has raises
+    ``NotFoundError`` (listing what each has); one whose manifest is bad wherever it is,
+    ``IntegrityError``. Storage errors propagate: a store that cannot be read is not one that has
+    nothing, and resuming from an older checkpoint than it holds would lose training.
+    """
+    found: list[tuple[tuple[int, int, int], Located]] = []
+    missing: list[str] = []
+    bad: list[str] = []
+    for rank, url in enumerate(urls):
+        try:
+            located = _in_location(url, tag)
+        except NotFoundError as e:  # only a named tag: for latest an empty run gives []
+            missing.append(str(e))
+            continue
+        except IntegrityError as e:  # a named tag whose manifest fails the schema here
+            bad.append(str(e))
+            continue
+        for i, loc in enumerate(located):
+            step = loc.manifest.get("step")
+            newer = -step if tag == "latest" and isinstance(step, int) else 0
+            found.append(((newer, rank, i), loc))
+    if bad and found:
+        log.warning("skipping a bad copy of %s: %s", tag, "; ".join(bad))
+    elif bad:
+        raise IntegrityError("; ".join(bad))
+    if not found and missing:
+        raise NotFoundError("; ".join(missing))
+    return [loc for _, loc in sorted(found, key=lambda f: f[0])]
+
+
+def open_newest(
+    urls: Sequence[str],
+    tag: str,
+    read: Callable[[Located], T],
+    *,
+    fall_back: bool = True,
+) -> tuple[Located, T] | None:
+    """``read`` the best of ``newest_first(urls, tag)`` that verifies: the one resume rule.
+
+    ``read`` raises ``IntegrityError`` for a checkpoint that does not verify; with ``fall_back``
+    the next best is tried (logged), else that error is raised. None: there is no checkpoint at
+    all. When some exist and none verifies, ``IntegrityError``: a fresh start would lose them.
+    """
+    cands = newest_first(urls, tag)
     if not cands:
-        raise NotFoundError(f"no complete checkpoint in {base}")
-    return Located(base, cands[0]["tag"], cands[0])
+        return None
+    first_error: str | None = None
+    for loc in cands if fall_back else cands[:1]:
+        where = f"{loc.url}@{loc.tag}"
+        try:
+            value = read(loc)
+        except IntegrityError as e:
+            if not fall_back:
+                raise IntegrityError(f"{where}: {e}") from e
+            log.warning("checkpoint %s does not verify (%s); trying the next newest", where, e)
+            first_error = first_error or f"{where}: {e}"
+            continue
+        if first_error is not None:
+            log.warning("using %s, the newest checkpoint that verifies", where)
+        return loc, value
+    raise IntegrityError(
+        f"no checkpoint in {' or '.join(urls)} verifies; the newest fails: {first_error}"
+    )
+
+
+def locate_newest(urls: Sequence[str], tag: str = "latest") -> Located | None:
+    """The newest checkpoint over ``urls`` whose files all verify (see ``open_newest``)."""
+    found = open_newest(urls, tag, _check_located)
+    return None if found is None else found[0]
+
+
+def _locate(url: str, tag: str) -> Located:
+    """The checkpoint ``url``@``tag`` names: a bare directory, or the best candidate of a run."""
+    cands = newest_first([url], tag)
+    if not cands:
+        raise NotFoundError(f"no complete checkpoint in {_normalize(url)[0]}")
+    return cands[0]
+
+
+def _total(manifest: dict[str, Any]) -> int:
+    return sum(int(rec["size"]) for rec in manifest["files"].values())
 
 
 @contextlib.contextmanager
@@ -288,37 +389,53 @@ def _local_files(loc: Located) -> Iterator[tuple[str, list[str]]]:
         return
     with tempfile.TemporaryDirectory(prefix="ckptd-fetch-") as tmp:
 
-        async def go() -> None:
+        async def go(progress: Progress) -> None:
             async with open_store(loc.url) as store:
-                await _fetch(store, loc.manifest, tmp)
+                await _fetch(store, loc.manifest, tmp, progress)
 
-        run_sync(go())
+        with Progress(_total(loc.manifest), f"download {loc.url}@{loc.tag}") as p:
+            run_sync(go(p))
         yield tmp, []
 
 
 def verify(url: str, tag: str = "latest") -> Located:
     """Check every file of a checkpoint against its manifest; raises ``IntegrityError``."""
-    loc = _locate(url, tag)
+    return _check_located(_locate(url, tag))
+
+
+def _check_located(loc: Located) -> Located:
+    """Verify ``loc``'s files (downloading them first when remote); errors name the checkpoint."""
     with _local_files(loc) as (base, parts):
         try:
-            _verify_dir(base, parts, loc.manifest)
+            with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
+                _verify_dir(base, parts, loc.manifest, p)
         except IntegrityError as e:
             raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
     return loc
 
 
-def _verify_dir(base: str, parts: list[str], manifest: dict[str, Any]) -> None:
+def _verify_dir(
+    base: str, parts: list[str], manifest: dict[str, Any], progress: ProgressFn | None = None
+) -> None:
     for name, rec in manifest["files"].items():
-        _copy_checked(base, [*parts, name], rec, None)
+        _copy_checked(base, [*parts, name], rec, None, progress)
 
 
-def _copy_checked(base: str, parts: list[str], rec: dict[str, Any], out: int | None) -> None:
+def _copy_checked(
+    base: str,
+    parts: list[str],
+    rec: dict[str, Any],
+    out: int | None,
+    progress: ProgressFn | None = None,
+) -> None:
     """Read one listed file, checking size and CRC32C; with ``out``, write it there too."""
     name = parts[-1]
     value = 0
     with open_listed(base, parts, rec) as f:
         while chunk := f.read(_CHUNK):
             value = crc32c.crc32c(chunk, value)
+            if progress is not None:
+                progress(len(chunk))
             if out is not None:
                 view = memoryview(chunk)
                 while view:
@@ -348,14 +465,19 @@ def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
     written last, so a failed restore leaves no directory that looks like a checkpoint."""
     check_dest(dest)
     loc = _locate(url, tag)
-    with _local_files(loc) as (base, parts), _dest_dir(dest) as d:
+    label = f"restore {loc.url}@{loc.tag}"
+    with (
+        _local_files(loc) as (base, parts),
+        _dest_dir(dest) as d,
+        Progress(_total(loc.manifest), label) as progress,
+    ):
         created: list[str] = []
         try:
             for name, rec in loc.manifest["files"].items():
                 out = _create(d, name, dest)
                 created.append(name)
                 try:
-                    _copy_checked(base, [*parts, name], rec, out)
+                    _copy_checked(base, [*parts, name], rec, out, progress)
                     os.fsync(out)
                 except IntegrityError as e:
                     raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e

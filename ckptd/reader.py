@@ -3,6 +3,8 @@
 Readers trust nothing but the manifest: a checkpoint exists iff ``MANIFEST.json`` exists and
 every file it lists has the listed size and CRC32C. ``latest`` is only a hint; when it is missing,
 stale or names a checkpoint that fails verification, the newest verifying manifest wins.
+``restore_into`` and ``load_newest`` look over several locations (the daemon's root and the
+store) with ``catalog.open_newest``: the newest checkpoint that verifies in any of them.
 Nothing is ever unpickled: tensors come from safetensors data sections, the rest from JSON and
 msgpack.
 """
@@ -19,14 +21,14 @@ import torch
 
 from .catalog import (
     Located,
-    _candidates,
     _local_files,
     _normalize,
-    checkpoint_directory,
     copy_checkpoint,
     list_checkpoints,
     list_runs,
+    locate_newest,
     open_listed,
+    open_newest,
     run_sync,
     split_tag,
     verify,
@@ -40,7 +42,8 @@ from .errors import (
 )
 from .fmt import TORCH_DTYPES, decode_header
 from .names import check_name, named
-from .storage import open_store
+from .progress import Progress
+from .storage import ProgressFn
 from .tree import unflatten
 
 __all__ = [
@@ -48,6 +51,8 @@ __all__ = [
     "list_checkpoints",
     "list_runs",
     "load",
+    "load_newest",
+    "locate_newest",
     "restore_into",
     "run_sync",
     "split_tag",
@@ -68,7 +73,9 @@ _DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, R
 # ---- reading files ---------------------------------------------------------------------------
 
 
-def _read_verified(base: str, parts: list[str], rec: dict[str, Any]) -> torch.Tensor:
+def _read_verified(
+    base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
+) -> torch.Tensor:
     """The file ``base/parts...`` whole as a uint8 tensor, after checking size and CRC32C; it is
     never reached through a symbolic link (see ``catalog.open_listed``)."""
     name = parts[-1]
@@ -84,6 +91,8 @@ def _read_verified(base: str, parts: list[str], rec: dict[str, Any]) -> torch.Te
                 raise IntegrityError(f"{name}: file ended at byte {pos} of {size}")
             value = crc32c.crc32c(view[pos : pos + n], value)
             pos += n
+            if progress is not None:
+                progress(n)
     want = rec["crc32c"].lower()
     if f"{value:08x}" != want:
         raise IntegrityError(f"{name}: CRC32C {value:08x} does not match the manifest's {want}")
@@ -174,13 +183,17 @@ def _decode_file(
 
 
 def _load_dir(
-    base: str, parts: list[str], manifest: dict[str, Any], map_location: Any
+    base: str,
+    parts: list[str],
+    manifest: dict[str, Any],
+    map_location: Any,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Load a validated manifest's files from ``base/parts...`` (a local checkpoint)."""
     result: dict[str, Any] = {"optimizers": {}}
     extra: dict[str, Any] = {"tensors": {}}
     for name, rec in manifest["files"].items():
-        buf = _read_verified(base, [*parts, name], rec)
+        buf = _read_verified(base, [*parts, name], rec, progress)
         try:
             _decode_file(name, buf, result, extra)
         except IntegrityError:
@@ -223,8 +236,9 @@ def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
 
 def _load_located(loc: Located, map_location: Any) -> dict[str, Any]:
     _refuse_sharded(loc.manifest, loc.url)
-    with _local_files(loc) as (base, parts):
-        return _load_dir(base, parts, loc.manifest, map_location)
+    total = sum(int(rec["size"]) for rec in loc.manifest["files"].values())
+    with _local_files(loc) as (base, parts), Progress(total, f"load {loc.url}@{loc.tag}") as p:
+        return _load_dir(base, parts, loc.manifest, map_location, p)
 
 
 def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, Any]:
@@ -235,47 +249,30 @@ def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, 
     saved with ``models={name: ...}`` appear under their names; all optimizer states are under
     ``"optimizers"`` by model name (and the default one also as ``"optimizer"``).
     """
-    return _load_best(url, tag, map_location, fall_back=False)[0]
+    found = _load_best([url], tag, map_location, fall_back=False)
+    if found is None:
+        raise NotFoundError(f"no complete checkpoint in {_normalize(url)[0]}")
+    return found[1]
 
 
 def _load_best(
-    url: str, tag: str, map_location: Any, *, fall_back: bool
-) -> tuple[dict[str, Any], Located]:
-    if (direct := checkpoint_directory(url)) is not None:
-        path, manifest = direct
-        loc = Located(path, manifest["tag"], manifest, directory=path)
-        try:
-            return _load_located(loc, map_location), loc
-        except IntegrityError as e:
-            raise IntegrityError(f"{path}: {e}") from e
-    base, implied = _normalize(url)
-    if implied is not None and tag == "latest":
-        tag = implied
+    urls: list[str], tag: str, map_location: Any, *, fall_back: bool
+) -> tuple[Located, dict[str, Any]] | None:
+    """The newest checkpoint over ``urls`` that loads (``catalog.open_newest``), loaded."""
+    return open_newest(urls, tag, lambda loc: _load_located(loc, map_location), fall_back=fall_back)
 
-    async def cands() -> list[dict[str, Any]]:
-        async with open_store(base) as store:
-            return await _candidates(store, tag)
 
-    manifests = run_sync(cands())
-    if not manifests:
-        raise NotFoundError(f"no complete checkpoint in {base}")
-    first_error: IntegrityError | None = None
-    for manifest in manifests if fall_back else manifests[:1]:
-        loc = Located(base, manifest["tag"], manifest)
-        try:
-            result = _load_located(loc, map_location)
-        except IntegrityError as e:
-            if not fall_back:
-                raise IntegrityError(f"{base}@{loc.tag}: {e}") from e
-            log.warning(
-                "checkpoint %s@%s does not verify (%s); trying an older one", base, loc.tag, e
-            )
-            first_error = first_error or e
-            continue
-        if first_error is not None:
-            log.warning("restored %s@%s, the newest checkpoint that verifies", base, loc.tag)
-        return result, loc
-    raise IntegrityError(f"no checkpoint in {base} verifies; newest error: {first_error}")
+def load_newest(
+    urls: list[str], tag: str = "latest", map_location: Any = "cpu"
+) -> dict[str, Any] | None:
+    """``load`` of the newest checkpoint that verifies over all of ``urls`` (the daemon's root
+    and the store; the earlier URL wins a tie, it is local), falling back to older ones.
+
+    None: no location has a checkpoint. ``NotFoundError``: a named ``tag`` is nowhere.
+    ``IntegrityError``: checkpoints exist and none verifies.
+    """
+    found = _load_best(urls, tag, map_location, fall_back=True)
+    return None if found is None else found[1]
 
 
 def restore_into(
@@ -289,26 +286,17 @@ def restore_into(
     strict: bool = True,
     map_location: Any = None,
 ) -> dict[str, Any] | None:
-    """Find the newest verifying checkpoint in the first of ``urls`` that has one, and apply it."""
+    """Apply the newest checkpoint that verifies over all of ``urls`` (see ``load_newest``).
+
+    None: no location has a checkpoint yet. A named ``tag`` that no location has raises
+    ``NotFoundError``; checkpoints none of which verifies, ``IntegrityError`` (a fresh start
+    would lose them).
+    """
     all_models, all_optims = named(model, models), named(optimizer, optimizers)
-    state: dict[str, Any] | None = None
-    loc: Located | None = None
-    errors: list[str] = []
-    damaged = False  # some checkpoint exists but none verifies: a fresh start would lose it
-    for url in urls:
-        try:
-            state, loc = _load_best(url, tag, map_location, fall_back=tag == "latest")
-            break
-        except NotFoundError as e:
-            errors.append(str(e))
-        except IntegrityError as e:
-            errors.append(str(e))
-            damaged = True
-            log.warning("%s", e)
-    if state is None or loc is None:
-        if tag == "latest" and not damaged:
-            return None
-        raise NotFoundError(f"checkpoint {tag!r} not found: " + "; ".join(errors))
+    found = _load_best(urls, tag, map_location, fall_back=True)
+    if found is None:
+        return None
+    loc, state = found
     for name, obj in all_models.items():
         if name not in state:
             raise SerializationError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CkptdError, DaemonUnavailableError, IntegrityError, NotFoundError
+from ..errors import CkptdError, DaemonUnavailableError, NotFoundError
 from ..storage import join_key
 
 log = logging.getLogger("ckptd.integrations")
@@ -84,16 +84,11 @@ def run_urls(checkpointer: Any) -> list[str]:
 
 
 def load_tag(urls: list[str], tag: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """``ckptd.load`` of ``tag`` from the first of ``urls`` that has it."""
-    from ..reader import load
-
-    errors = []
-    for url in urls:
-        try:
-            return load(url, tag=tag, map_location=map_location)
-        except (NotFoundError, FileNotFoundError) as e:
-            errors.append(f"{url}: {e}")
-    raise NotFoundError(f"checkpoint {tag} not found: " + "; ".join(errors))
+    """``ckptd.load`` of ``tag`` from the first of ``urls`` whose copy verifies."""
+    state = newest(urls, tag, map_location)
+    if state is None:  # only for "latest": a named tag that is nowhere raises NotFoundError
+        raise NotFoundError(f"checkpoint {tag} not found in {' or '.join(urls)}")
+    return state
 
 
 def check_handles(handles: Any) -> None:
@@ -141,31 +136,12 @@ def newest(
     """``ckptd.load`` of the newest checkpoint of the run that verifies, over all of ``urls``
     (the daemon's root and the store; the root wins a tie, it is local). None: the run has none.
 
-    Newest over both, not the first that has one: a fresh machine's root may hold older saves.
+    The same rule as ``Checkpointer.restore`` (``reader.load_newest``), so every integration
+    resumes from the same checkpoint.
     """
-    from ..catalog import list_checkpoints
-    from ..reader import load
+    from ..reader import load_newest
 
-    if tag != "latest":
-        return load_tag(urls, tag, map_location)
-    found: list[tuple[int, int, str, str]] = []
-    for rank, url in enumerate(urls):
-        try:
-            manifests = list_checkpoints(url)
-        except (CkptdError, OSError) as e:
-            log.warning("could not list %s: %s", url, e)
-            continue
-        found += [(int(m.get("step", -1)), -rank, str(m["tag"]), url) for m in manifests]
-    seen: set[str] = set()
-    for _, _, name, url in sorted(found, reverse=True):
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            return load(url, tag=name, map_location=map_location)
-        except IntegrityError as e:
-            log.warning("%s@%s does not verify (%s); trying an older checkpoint", url, name, e)
-    return None
+    return load_newest(urls, tag, map_location)
 
 
 def delete_checkpoint(url: str, tag: str) -> bool:
