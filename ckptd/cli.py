@@ -13,7 +13,15 @@ from typing import Any
 
 from . import __version__
 from .defaults import default_root, default_socket, default_store
-from .errors import CkptdError, ConfigError, DaemonUnavailableError, IntegrityError, NotFoundError
+from .errors import (
+    CkptdError,
+    ConfigError,
+    DaemonUnavailableError,
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+)
+from .protocol import Drained, DrainRequest, Event, Request, StatusReport, StatusRequest
 
 log = logging.getLogger("ckptd")
 
@@ -126,10 +134,10 @@ def _lower_priority(nice: int) -> None:
 # ---- talking to a running daemon -------------------------------------------------------------------
 
 
-def _request(socket_path: str, msg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+def _request(socket_path: str, msg: Request, timeout: float | None) -> Event:
     from .connection import Connection
 
-    conn = Connection(socket_path, 10.0, lambda _msg: None)
+    conn = Connection(socket_path, 10.0)
     try:
         return conn.request(msg, timeout=timeout)
     finally:
@@ -170,7 +178,11 @@ def _print_status(st: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         while True:
-            st = _request(args.socket, {"op": "status"}, 30.0)
+            reply = _request(args.socket, StatusRequest(), 30.0)
+            if not isinstance(reply, StatusReport):
+                print(f"ckptd status: {getattr(reply, 'error', reply)}", file=sys.stderr)
+                return 1
+            st = reply.to_wire()
             if args.json:
                 print(json.dumps({k: v for k, v in st.items() if k not in ("ev", "rid")}, indent=1))
             else:
@@ -181,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return 0
             sys.stdout.flush()
             time.sleep(args.interval)
-    except DaemonUnavailableError as e:
+    except (DaemonUnavailableError, ProtocolError) as e:
         print(f"ckptd status: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -192,17 +204,20 @@ def cmd_drain(args: argparse.Namespace) -> int:
     try:
         reply = _request(
             args.socket,
-            {"op": "drain", "timeout": args.timeout},
+            DrainRequest(timeout=args.timeout),
             None if args.timeout is None else args.timeout + 30,
         )
-    except DaemonUnavailableError as e:
+    except (DaemonUnavailableError, ProtocolError) as e:
         print(f"ckptd drain: {e}", file=sys.stderr)
         return 1
-    if reply.get("ok"):
+    if not isinstance(reply, Drained):
+        print(f"ckptd drain: {getattr(reply, 'error', reply)}", file=sys.stderr)
+        return 1
+    if reply.ok:
         print("drained: nothing pending")
         return 0
-    print(f"not drained: {len(reply['pending'])} checkpoint(s) not in their store", file=sys.stderr)
-    for j in reply["pending"]:
+    print(f"not drained: {len(reply.pending)} checkpoint(s) not in their store", file=sys.stderr)
+    for j in reply.pending:
         print(_job_line(j), file=sys.stderr)
     return 1
 

@@ -24,13 +24,28 @@ from typing import Any
 import torch
 
 from .arena import Arena, Slot
-from .connection import Connection as _Connection
+from .connection import Connection
 from .ddp import rank_and_world
 from .defaults import default_socket
-from .errors import CkptdError, ConfigError, DaemonUnavailableError, SaveError
+from .errors import CkptdError, ConfigError, DaemonUnavailableError, ProtocolError, SaveError
 from .fmt import PlanCache, SavePlan, plan_save
 from .names import check_name, make_tag, named
-from .protocol import VERSION
+from .protocol import (
+    Committed,
+    ErrorEvent,
+    Event,
+    Failed,
+    HelloRequest,
+    Preempted,
+    Released,
+    Request,
+    SaveFile,
+    SaveRequest,
+    SlotRequest,
+    StatusRequest,
+    Uploaded,
+    Welcome,
+)
 from .stager import Fence, Stager
 
 log = logging.getLogger("ckptd.client")
@@ -95,6 +110,11 @@ class SaveHandle:
         if self.saved_by is not None:
             return "other-rank"
         return "failed" if self._error is not None else ("skipped" if self.skipped else self._state)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The background failure, if any (``check()`` raises it)."""
+        return self._error
 
     def _advance(self, state: str, path: str | None = None) -> None:
         with self._cv:
@@ -203,13 +223,14 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._fence: Fence | None = None
         self._hooked: set[int] = set()
-        self._sender: queue.Queue[tuple[Fence, dict[str, Any], SaveHandle] | None] = queue.Queue()
+        self._sender: queue.Queue[tuple[Fence, SaveRequest, SaveHandle] | None] = queue.Queue()
         self._sender_thread: threading.Thread | None = None
         self._closed = False
         self._closing = False
         self.git_commit: str | None = None  # set by Experiment from git.json
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self.daemon_info: dict[str, Any] = {}
+        """The daemon's ``welcome`` as a map: ``root``, ``store``, ``features`` ..."""
         self.rank, self.world_size = rank_and_world()
         if save_rank is not None and not 0 <= save_rank < self.world_size:
             raise ConfigError(
@@ -224,6 +245,15 @@ class Checkpointer:
             self._connect()
 
     @property
+    def arena(self) -> Arena:
+        """The staging slots; ``ckptd.dcp`` stages into them too."""
+        return self._arena
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def saves(self) -> bool:
         """Whether this process saves (every process outside DDP; ``save_rank`` within)."""
         return self.save_rank is None or self.rank == self.save_rank
@@ -231,30 +261,25 @@ class Checkpointer:
     # ---- connection --------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        conn = _Connection(self.socket_path, self._timeout, self._on_event)
+        conn = Connection(self.socket_path, self._timeout, self._on_event, self._on_disconnect)
         self._conn = conn
         self._sent_slots: set[tuple[int, int]] = set()
-        self.daemon_info = conn.request(
-            {
-                "op": "hello",
-                "version": VERSION,
-                "pid": os.getpid(),
-                "run": self.run,
-                "store": self.store,
-            },
-            timeout=self._timeout,
-        )
-        if self.daemon_info.get("ev") == "error":
+        hello = HelloRequest(pid=os.getpid(), run=self.run, store=self.store)
+        try:
+            reply = conn.request(hello, timeout=self._timeout)
+        except ProtocolError as e:
             conn.close()
-            raise SaveError(f"the daemon refused this client: {self.daemon_info.get('error')}")
-        if self.daemon_info.get("ev") != "welcome":
-            raise DaemonUnavailableError(
-                f"unexpected answer from {self.socket_path}: {self.daemon_info}"
-            )
-        if self.daemon_info.get("preempted"):
+            raise DaemonUnavailableError(f"unexpected answer from {self.socket_path}: {e}") from e
+        if isinstance(reply, ErrorEvent):
+            conn.close()
+            raise SaveError(f"the daemon refused this client: {reply.error}")
+        if not isinstance(reply, Welcome):
+            raise DaemonUnavailableError(f"unexpected answer from {self.socket_path}: {reply}")
+        self.daemon_info = reply.to_wire()
+        if reply.preempted:
             self._preempt()
 
-    def _ensure_connected(self) -> _Connection:
+    def _ensure_connected(self) -> Connection:
         if self._conn is None or not self._conn.alive:
             if self._conn is not None:
                 log.warning("reconnecting to the ckptd daemon at %s", self.socket_path)
@@ -262,54 +287,61 @@ class Checkpointer:
         assert self._conn is not None
         return self._conn
 
-    def _on_event(self, msg: dict[str, Any]) -> None:
-        ev = msg.get("ev")
-        if ev == "disconnected":
-            with self._lock:
-                pending = list(self._handles.items())
-                self._handles.clear()
-            if self._closing:  # close() waited for every save to be committed: the daemon owns them
-                return
-            for _, (handle, index) in pending:
-                if handle._state == "staged":
-                    handle._fail(
-                        DaemonUnavailableError(
-                            f"the daemon at {self.socket_path} went away before {handle.tag} was committed"
-                        )
-                    )
-                else:
-                    # Committed: the daemon's disk owns it now; a restarted daemon resumes the upload.
-                    handle._fail(
-                        DaemonUnavailableError(
-                            f"the daemon went away after committing {handle.tag}; its upload resumes "
-                            "when the daemon restarts"
-                        )
-                    )
-                self._arena.release(index)
+    def request(self, msg: Request, timeout: float | None = 30.0) -> Event:
+        """Send one request to the daemon (connecting first if needed) and return its reply.
+
+        For the package's own ops beyond saves (``commit`` from ``ckptd.dcp``, ``mirror`` from
+        ``Experiment``); ``timeout=None`` waits until the reply or the end of the connection.
+        """
+        return self._ensure_connected().request(msg, timeout=timeout)
+
+    def _on_disconnect(self) -> None:
+        with self._lock:
+            pending = list(self._handles.items())
+            self._handles.clear()
+        if self._closing:  # close() waited for every save to be committed: the daemon owns them
             return
-        if ev == "preempted":
+        for _, (handle, index) in pending:
+            if handle._state == "staged":
+                handle._fail(
+                    DaemonUnavailableError(
+                        f"the daemon at {self.socket_path} went away before {handle.tag} was committed"
+                    )
+                )
+            else:
+                # Committed: the daemon's disk owns it now; a restarted daemon resumes the upload.
+                handle._fail(
+                    DaemonUnavailableError(
+                        f"the daemon went away after committing {handle.tag}; its upload resumes "
+                        "when the daemon restarts"
+                    )
+                )
+            self._arena.release(index)
+
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, Preempted):
             self._preempt()
             return
-        sid = msg.get("id")
+        sid = getattr(ev, "id", None)
         with self._lock:
             entry = self._handles.get(sid) if isinstance(sid, int) else None
         if entry is None:
-            if ev == "error":
-                log.error("the daemon refused a message: %s", msg.get("error"))
+            if isinstance(ev, ErrorEvent):
+                log.error("the daemon refused a message: %s", ev.error)
             return
         handle, index = entry
-        if ev == "released":
+        if isinstance(ev, Released):
             self._arena.release(index)
-        elif ev == "committed":
-            if isinstance(files := msg.get("files"), dict):
-                handle.files = files
-            handle._advance("committed", msg.get("path"))
-        elif ev == "uploaded":
+        elif isinstance(ev, Committed):
+            if ev.files is not None:
+                handle.files = ev.files
+            handle._advance("committed", ev.path)
+        elif isinstance(ev, Uploaded):
             handle._advance("uploaded")
             with self._lock:
                 self._handles.pop(sid, None)
-        elif ev == "failed":
-            error = SaveError(str(msg.get("error")))
+        elif isinstance(ev, Failed):
+            error = SaveError(ev.error)
             if handle._state == "staged":  # never committed: the loop must hear of it
                 with self._lock:
                     self._unreported.append(handle)
@@ -400,9 +432,7 @@ class Checkpointer:
             self._prepare_other_slots(plan)
         sid = next(self._ids)
         handle = SaveHandle(tag, step)
-        msg = self._request(sid, step, tag, plan, slot, epoch, sample)
-        if metrics:
-            msg["manifest"]["metrics"] = metrics
+        msg = self._request(sid, step, tag, plan, slot, epoch, sample, metrics)
         with self._lock:
             self._handles[sid] = (handle, slot.index)
         if fence.is_async:
@@ -413,7 +443,7 @@ class Checkpointer:
             self._send_save(msg, handle, slot.index)
         return handle
 
-    def _save_part(
+    def save_part(
         self,
         tag: str,
         step: int,
@@ -422,48 +452,37 @@ class Checkpointer:
         header: bytes,
         segments: list[tuple[int, int]],
     ) -> SaveHandle:
-        """Hand one staged file of a sharded checkpoint to the daemon (see ``ckptd.dcp``).
+        """Hand one staged file of a sharded checkpoint to the daemon (for ``ckptd.dcp``).
 
-        The data section is gathered from ``segments`` of ``slot``; the slot is released when the
-        daemon has written it. The part stays invisible until a ``commit`` lists it.
+        The data section is gathered from ``segments`` of ``slot`` (taken from ``arena``); the
+        slot is released when the daemon has written it. The part stays invisible until a
+        ``commit`` lists it.
         """
         conn = self._ensure_connected()
         self._send_fd(conn, slot)
         sid = next(self._ids)
         handle = SaveHandle(tag, step)
-        msg = {
-            **self._save_fields(sid, tag, step, slot),
-            "part": True,
-            "files": [
-                {
-                    "name": name,
-                    "header": header,
-                    "offset": segments[0][0] if segments else 0,
-                    "size": sum(n for _, n in segments),
-                    "segments": [list(seg) for seg in segments],
-                }
-            ],
-        }
+        part = SaveFile(
+            name=name,
+            header=header,
+            offset=segments[0][0] if segments else 0,
+            size=sum(n for _, n in segments),
+            segments=[list(seg) for seg in segments],
+        )
+        msg = self._save_request(sid, tag, step, slot, [part], part=True)
         with self._lock:
             self._handles[sid] = (handle, slot.index)
         self._send_save(msg, handle, slot.index)
         return handle
 
-    def _send_fd(self, conn: _Connection, slot: Slot) -> None:
+    def _send_fd(self, conn: Connection, slot: Slot) -> None:
         key = (slot.index, slot.generation)
         if key not in self._sent_slots:
-            conn.send(
-                {
-                    "op": "slot",
-                    "slot": slot.index,
-                    "size": slot.size,
-                    "generation": slot.generation,
-                },
-                fd=slot.fd,
-            )
+            msg = SlotRequest(slot=slot.index, size=slot.size, generation=slot.generation)
+            conn.send(msg, fd=slot.fd)
             self._sent_slots.add(key)
 
-    def _send_slot(self, conn: _Connection, slot: Slot, plan: SavePlan) -> bool:
+    def _send_slot(self, conn: Connection, slot: Slot, plan: SavePlan) -> bool:
         """Make the slot big enough and make sure the daemon has its descriptor."""
         # Whether to pin is asked only when the slot must grow: not a tensor walk per save.
         grew = not slot.fits(plan.arena_size) and slot.ensure(plan.arena_size, self._pin(plan))
@@ -501,43 +520,40 @@ class Checkpointer:
         slot: Slot,
         epoch: int | None,
         sample: int | None,
-    ) -> dict[str, Any]:
-        return {
-            **self._save_fields(sid, tag, step, slot),
-            "files": [
-                {"name": f.name, "header": f.header, "offset": f.arena_offset, "size": f.data_size}
-                for f in plan.files
-            ],
-            "inline": plan.inline,
-            "manifest": {
-                "training_iteration": {"epoch": epoch, "update": step, "sample": sample},
-                "model_config": plan.model_config,
-                "torch_version": torch.__version__,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                **({"git_commit": self.git_commit} if self.git_commit else {}),
-            },
+        metrics: dict[str, float] | None,
+    ) -> SaveRequest:
+        files = [
+            SaveFile(name=f.name, header=f.header, offset=f.arena_offset, size=f.data_size)
+            for f in plan.files
+        ]
+        manifest: dict[str, Any] = {
+            "training_iteration": {"epoch": epoch, "update": step, "sample": sample},
+            "model_config": plan.model_config,
+            "torch_version": torch.__version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **({"git_commit": self.git_commit} if self.git_commit else {}),
+            **({"metrics": metrics} if metrics else {}),
         }
+        return self._save_request(
+            sid, tag, step, slot, files, inline=plan.inline, manifest=manifest
+        )
 
-    def _save_fields(self, sid: int, tag: str, step: int, slot: Slot) -> dict[str, Any]:
-        """What every ``save`` message carries, whole checkpoint or one rank's part."""
-        return {
-            "op": "save",
-            "id": sid,
-            "run": self.run,
-            "tag": tag,
-            "step": step,
-            "store": self.store,
-            "slot": slot.index,
-            "generation": slot.generation,
-        }
+    def _save_request(
+        self, sid: int, tag: str, step: int, slot: Slot, files: list[SaveFile], **kw: Any
+    ) -> SaveRequest:
+        """One ``save`` message, whole checkpoint or (``part=True``) one rank's part."""
+        return SaveRequest(
+            id=sid, run=self.run, tag=tag, step=step, store=self.store, slot=slot.index,
+            generation=slot.generation, files=files, **kw,
+        )  # fmt: skip
 
-    def _send_save(self, msg: dict[str, Any], handle: SaveHandle, index: int) -> None:
+    def _send_save(self, msg: SaveRequest, handle: SaveHandle, index: int) -> None:
         try:
             self._ensure_connected().send(msg)
         except DaemonUnavailableError as e:
             with self._lock:
-                self._handles.pop(msg["id"], None)
+                self._handles.pop(msg.id, None)
             self._arena.release(index)
             handle._fail(e)
             raise
@@ -555,7 +571,7 @@ class Checkpointer:
             try:
                 fence.synchronize()
                 with self._lock:
-                    index = self._handles.get(msg["id"], (None, -1))[1]
+                    index = self._handles.get(msg.id, (None, -1))[1]
                 self._send_save(msg, handle, index)
             except DaemonUnavailableError as e:
                 log.error("could not hand save %s to the daemon: %s", handle.tag, e)
@@ -656,7 +672,8 @@ class Checkpointer:
             raise SaveError(f"save {first.tag} failed{more}: {first._error}") from first._error
 
     def status(self) -> dict[str, Any]:
-        return self._ensure_connected().request({"op": "status"})
+        """The daemon's ``status`` reply as a map (what ``ckptd status --json`` prints)."""
+        return self.request(StatusRequest()).to_wire()
 
     def flush(self, until: str = "committed", timeout: float | None = None) -> None:
         """Block until every save so far reached ``until``."""
@@ -725,7 +742,7 @@ def attach(
             done["steps"] = ckpt.resumed_step or 0
         done["steps"] += 1
         n = done["steps"]
-        if n % every == 0 and not ckpt._closed:
+        if n % every == 0 and not ckpt.closed:
             ckpt.save(n, model=model, optimizer=optimizer, extra=extra() if extra else None)
 
     ckpt._attach_handle = optimizer.register_step_post_hook(post_step)  # type: ignore[attr-defined]

@@ -1,4 +1,8 @@
-"""The socket to the daemon: framed requests and a reader thread for events. No torch."""
+"""The socket to the daemon: framed requests and a reader thread for events. No torch.
+
+Typed messages (``ckptd.protocol``) go in and come out; plain dicts are still taken, and answered
+with plain dicts, for callers written before the types.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 from .errors import DaemonUnavailableError, ProtocolError
-from .protocol import FrameReader, encode
+from .protocol import Event, FrameReader, Request, encode, parse_event
 
 log = logging.getLogger("ckptd.client")
 
@@ -52,10 +56,19 @@ def check_peer(sock: socket.socket, path: str) -> None:
 
 
 class Connection:
-    """The socket to the daemon, with a reader thread that routes events to handlers."""
+    """The socket to the daemon, with a reader thread that routes events to handlers.
+
+    ``on_event`` gets every event that is not the reply to a ``request`` (from the reader
+    thread); events this client does not know are logged and skipped. ``on_close`` is called once
+    when the connection ends, however it ends.
+    """
 
     def __init__(
-        self, path: str, timeout: float, on_event: Callable[[dict[str, Any]], None]
+        self,
+        path: str,
+        timeout: float,
+        on_event: Callable[[Event], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -76,14 +89,17 @@ class Connection:
         self.sock.settimeout(None)
         self._send_lock = threading.Lock()
         self._on_event = on_event
+        self._on_close = on_close
         self.alive = True
-        self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
+        # rid -> the queue its reply goes to; None in it means the connection ended first.
+        self._replies: dict[int, queue.Queue[dict[str, Any] | None]] = {}
         self._rids = itertools.count(1)
         self._thread = threading.Thread(target=self._read_loop, name="ckptd-events", daemon=True)
         self._thread.start()
 
-    def send(self, msg: dict[str, Any], fd: int | None = None) -> None:
-        frame = encode(msg)
+    def send(self, msg: Request | Mapping[str, Any], fd: int | None = None) -> None:
+        """Send one message (with ``fd`` attached: the ``slot`` op)."""
+        frame = encode(msg.to_wire() if isinstance(msg, Request) else dict(msg))
         try:
             with self._send_lock:
                 if fd is None:
@@ -98,20 +114,44 @@ class Connection:
                 f"lost the connection to the ckptd daemon at {self.path}: {e}"
             ) from e
 
-    def request(self, msg: dict[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
+    @overload
+    def request(self, msg: Request, timeout: float | None = 30.0) -> Event: ...
+    @overload
+    def request(self, msg: Mapping[str, Any], timeout: float | None = 30.0) -> dict[str, Any]: ...
+
+    def request(
+        self, msg: Request | Mapping[str, Any], timeout: float | None = 30.0
+    ) -> Event | dict[str, Any]:
+        """Send ``msg`` and return the daemon's reply to it.
+
+        ``timeout=None`` waits as long as the daemon takes (a flush or a drain may rightly take
+        long), but never past the end of the connection. A typed request gets a typed event
+        (``ProtocolError`` if the reply is malformed); a dict gets the reply's dict.
+        """
         rid = next(self._rids)
-        q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=1)
         self._replies[rid] = q
+        if isinstance(msg, Request):
+            op, wire = msg.NAME, {**msg.to_wire(), "rid": rid}
+        else:
+            op, wire = msg.get("op"), {**msg, "rid": rid}
         try:
-            self.send({**msg, "rid": rid})
+            if not self.alive:  # the reader ended before it could see this request's queue
+                raise DaemonUnavailableError(
+                    f"the connection to the daemon at {self.path} is closed"
+                )
+            self.send(wire)
             try:
-                return q.get(timeout=timeout)
+                reply = q.get(timeout=timeout)
             except queue.Empty:
                 raise DaemonUnavailableError(
-                    f"the daemon at {self.path} did not answer {msg['op']!r}"
+                    f"the daemon at {self.path} did not answer {op!r}"
                 ) from None
         finally:
             self._replies.pop(rid, None)
+        if reply is None:
+            raise DaemonUnavailableError(f"the daemon at {self.path} went away during {op!r}")
+        return parse_event(reply) if isinstance(msg, Request) else reply
 
     def _read_loop(self) -> None:
         reader = FrameReader()
@@ -123,15 +163,25 @@ class Connection:
                 reader.feed(data)
                 for msg in reader.messages():
                     rid = msg.get("rid")
-                    if isinstance(rid, int) and rid in self._replies:
-                        self._replies[rid].put(msg)
-                    else:
-                        self._on_event(msg)
+                    if isinstance(rid, int) and (q := self._replies.get(rid)) is not None:
+                        with contextlib.suppress(queue.Full):  # a second reply: the first counts
+                            q.put_nowait(msg)
+                    elif self._on_event is not None:
+                        try:
+                            event = parse_event(msg)
+                        except ProtocolError as e:  # a newer daemon may send more
+                            log.debug("skipped an event: %s", e)
+                            continue
+                        self._on_event(event)
         except (OSError, ProtocolError) as e:
             log.debug("event reader stopped: %s", e)
         finally:
             self.alive = False
-            self._on_event({"ev": "disconnected"})
+            for q in list(self._replies.values()):
+                with contextlib.suppress(queue.Full):  # full: answered just before the end
+                    q.put_nowait(None)
+            if self._on_close is not None:
+                self._on_close()
 
     def close(self) -> None:
         self.alive = False

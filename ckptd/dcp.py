@@ -69,6 +69,7 @@ from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, Seria
 from .fmt import DTYPES, TORCH_DTYPES, check_tensor
 from .header import FORMAT, encode_header
 from .names import check_file_name, check_name
+from .protocol import CommitRequest, Committed, ErrorEvent, HelloRequest, Welcome
 from .reader import _read_verified, _tensors
 from .stager import _copy_all
 from .storage import join_key, open_store
@@ -341,7 +342,7 @@ class Writer(StorageWriter, AsyncStager):
                            "data_offsets": [offset, offset + n]}  # fmt: skip
             offset += n
         slot, segments = self._place(tensors, offset)
-        handle = self.client._save_part(
+        handle = self.client.save_part(
             self.tag, self._step(), slot, name, encode_header(header), segments
         )
         until = "uploaded"  # the daemon says "uploaded" at once when its root is the store
@@ -378,9 +379,9 @@ class Writer(StorageWriter, AsyncStager):
                     segments.append([ptr - base, n])
             else:
                 return slot, [tuple(s) for s in segments]
-            self.client._arena.release(slot.index)
+            self.client.arena.release(slot.index)
         client = self.client
-        slot = client._arena.acquire(block=True)
+        slot = client.arena.acquire(block=True)
         assert slot is not None
         try:
             pin = torch.cuda.is_available() and any(t.is_cuda for _, t, _ in tensors)
@@ -395,7 +396,7 @@ class Writer(StorageWriter, AsyncStager):
                 cursor += n
             _copy_into(dst, src)
         except BaseException:
-            client._arena.release(slot.index)
+            client.arena.release(slot.index)
             raise
         return slot, [(0, size)] if size else []
 
@@ -424,29 +425,26 @@ class Writer(StorageWriter, AsyncStager):
         metadata.storage_data = storage
         body = json.dumps(encode_metadata(metadata), separators=(",", ":")).encode()
         step = self._step()
-        reply = self.client._ensure_connected().request(
-            {
-                "op": "commit",
-                "run": self.run,
-                "tag": self.tag,
-                "step": step,
-                "store": self.store,
-                "parts": parts,
-                "inline": {METADATA: body},
-                "manifest": {
-                    "kind": "dcp",
-                    "world_size": len(results),
-                    "training_iteration": {"update": step},
-                    "torch_version": torch.__version__,
-                    **({"git_commit": self.client.git_commit} if self.client.git_commit else {}),
-                },
+        git = self.client.git_commit
+        commit = CommitRequest(
+            run=self.run,
+            tag=self.tag,
+            step=step,
+            store=self.store,
+            parts=parts,
+            inline={METADATA: body},
+            manifest={
+                "kind": "dcp",
+                "world_size": len(results),
+                "training_iteration": {"update": step},
+                "torch_version": torch.__version__,
+                **({"git_commit": git} if git else {}),
             },
-            timeout=self.timeout,
         )
-        if reply.get("ev") != "committed":
-            raise SaveError(
-                reply.get("error") or f"commit of {self.run}@{self.tag} failed: {reply}"
-            )
+        reply = self.client.request(commit, timeout=self.timeout)
+        if not isinstance(reply, Committed):
+            error = reply.error if isinstance(reply, ErrorEvent) else None
+            raise SaveError(error or f"commit of {self.run}@{self.tag} failed: {reply}")
         log.info("committed sharded checkpoint %s@%s (%d parts)", self.run, self.tag, len(parts))
 
     # AsyncStager ------------------------------------------------------------------------------
@@ -484,7 +482,7 @@ class Writer(StorageWriter, AsyncStager):
             cached = self._layouts[sig] = _layout(tensors)
         offsets, size = cached
         client = self.client
-        slot = client._arena.acquire(block=True)
+        slot = client.arena.acquire(block=True)
         assert slot is not None
         try:
             pin = torch.cuda.is_available() and any(t.is_cuda for t in tensors)
@@ -506,7 +504,7 @@ class Writer(StorageWriter, AsyncStager):
             _copy_into([both[i] for i in nonempty], [tensors[i] for i in nonempty])
             staged = _rebuild(state_dict, iter(both[n:]))
         except BaseException:
-            client._arena.release(slot.index)
+            client.arena.release(slot.index)
             raise
         self._staged = (slot, slot.buf.data_ptr(), slot.size)
         return staged
@@ -517,7 +515,7 @@ class Writer(StorageWriter, AsyncStager):
     def _release_staged(self) -> None:
         staged, self._staged = self._staged, None
         if staged is not None:
-            self.client._arena.release(staged[0].index)
+            self.client.arena.release(staged[0].index)
 
     def close(self) -> None:
         """Release the staging memory and the daemon connection (after the last save)."""
@@ -791,14 +789,12 @@ def _daemon_store(socket: str | None) -> str:
     """The default place to read from: the daemon's store, else its root."""
     from .connection import Connection
     from .defaults import default_socket
-    from .protocol import VERSION
 
-    conn = Connection(socket or default_socket(), 10.0, lambda msg: None)
+    conn = Connection(socket or default_socket(), 10.0)
     try:
-        info = conn.request({"op": "hello", "version": VERSION, "pid": os.getpid()})
+        info = conn.request(HelloRequest(pid=os.getpid()))
     finally:
         conn.close()
-    base = info.get("store") or info.get("root")
-    if not isinstance(base, str):
-        raise ConfigError("the daemon reported neither a store nor a root")
-    return base
+    if not isinstance(info, Welcome):
+        raise ConfigError(f"the daemon did not welcome this reader: {info}")
+    return info.store or info.root

@@ -25,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from .defaults import default_root, default_socket, default_store
-from .errors import CkptdError, ConfigError, DaemonUnavailableError
+from .errors import CkptdError, ConfigError, DaemonUnavailableError, ProtocolError
 from .spawn import DaemonProcess, socket_ready
 
 log = logging.getLogger("ckptd.exec")
@@ -142,7 +142,8 @@ def _drain(socket: str, bound: float | None, *, keep_waiting: bool) -> tuple[boo
     Permanent upload failures end the wait early (nothing will change) unless ``keep_waiting``:
     with --force-after the machine goes off at the bound, whatever happens before it.
     """
-    from .connection import Connection as _Connection
+    from .connection import Connection
+    from .protocol import Drained, DrainRequest
 
     started = time.monotonic()
     deadline = None if bound is None else started + bound
@@ -153,16 +154,19 @@ def _drain(socket: str, bound: float | None, *, keep_waiting: bool) -> tuple[boo
 
     try:
         with _signals(interrupt):
-            conn = _Connection(socket, 10.0, lambda _msg: None)
+            conn = Connection(socket, 10.0)
             try:
                 while True:
                     step = _DRAIN_STEP_S
                     if deadline is not None:
                         step = min(step, max(deadline - time.monotonic(), 0.0))
-                    reply = conn.request({"op": "drain", "timeout": step}, timeout=step + 30)
-                    if reply.get("ok"):
+                    reply = conn.request(DrainRequest(timeout=step), timeout=step + 30)
+                    if not isinstance(reply, Drained):
+                        log.error("the daemon refused to drain: %s", getattr(reply, "error", reply))
+                        break
+                    if reply.ok:
                         return True, started
-                    left = list(reply.get("pending") or [])
+                    left = reply.pending
                     if deadline is not None and time.monotonic() >= deadline:
                         break
                     if all(j.get("state") == "failed" for j in left):
@@ -173,7 +177,7 @@ def _drain(socket: str, bound: float | None, *, keep_waiting: bool) -> tuple[boo
                     log.info("draining: %s", _summary(left))
             finally:
                 conn.close()
-    except DaemonUnavailableError as e:
+    except (DaemonUnavailableError, ProtocolError) as e:
         log.error("drain failed: %s", e)
         return False, started
     except _Interrupted as e:

@@ -36,8 +36,9 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
-from .errors import CkptdError, ConfigError, DaemonUnavailableError, NotFoundError
+from .errors import CkptdError, ConfigError, DaemonUnavailableError, NotFoundError, ProtocolError
 from .names import check_name
+from .protocol import MirrorReport, MirrorRequest
 from .storage import is_local, join_key, local_path, open_store
 
 log = logging.getLogger("ckptd.experiment")
@@ -1082,15 +1083,14 @@ class Experiment:
 
     # ---- mirroring and the end ---------------------------------------------------------------
 
-    def _mirror(self, action: str, timeout: float | None = None) -> dict[str, Any] | None:
-        """Ask the daemon to mirror/flush/stop this folder. The request and its answer:
-
-        ``{"op": "mirror", "run", "dir", "store", "action": "start"|"flush"|"stop", "timeout"}``
-        -> ``{"ev": "mirror", "ok", "active", "pending", "failed"}`` (or ``{"ev": "error"}``).
+    def _mirror(self, action: str, timeout: float | None = None) -> MirrorReport | None:
+        """Ask the daemon to mirror/flush/stop this folder (``MirrorRequest`` -> ``MirrorReport``);
+        None when it cannot or will not. Waits as long as the daemon takes, but not past the end
+        of the connection (a flush may rightly take long; a dead daemon must not hang ``finish``).
         """
         assert self._ckpt is not None
         if self._in_store():
-            return {"ok": True, "active": False, "pending": []}
+            return MirrorReport(ok=True, active=False, pending=[])
         if "mirror" not in self._ckpt.daemon_info.get("features", ()):
             if action == "start":
                 log.warning(
@@ -1099,23 +1099,20 @@ class Experiment:
                     self.dir,
                 )
             return None
-        msg = {
-            "op": "mirror",
-            "run": self.run,
-            "dir": self.dir,
-            "store": self._store_url,
-            "action": action,
-            "timeout": timeout,
-        }
+        msg = MirrorRequest(
+            run=self.run, dir=self.dir, store=self._store_url, action=action, timeout=timeout
+        )
         try:
-            reply = _request(self._ckpt._ensure_connected(), msg)
-        except DaemonUnavailableError as e:
+            reply = self._ckpt.request(msg, timeout=None)
+        except (DaemonUnavailableError, ProtocolError) as e:
             log.warning("cannot reach the daemon to mirror %s: %s", self.dir, e)
             return None
-        if reply.get("ev") != "mirror":
-            log.warning("the daemon refused to mirror %s: %s", self.dir, reply.get("error", reply))
+        if not isinstance(reply, MirrorReport):
+            log.warning(
+                "the daemon refused to mirror %s: %s", self.dir, getattr(reply, "error", reply)
+            )
             return None
-        self.mirroring = bool(reply.get("active"))
+        self.mirroring = reply.active
         return reply
 
     def _in_store(self) -> bool:
@@ -1135,7 +1132,7 @@ class Experiment:
         if self._ckpt is None:
             return False
         reply = self._mirror("flush", timeout)
-        return bool(reply and reply.get("ok"))
+        return reply is not None and reply.ok
 
     def finish(self, status: str = "finished", timeout: float | None = 60.0) -> bool:
         """Close the records, push them to the store, close the checkpointer. Idempotent.
@@ -1157,9 +1154,9 @@ class Experiment:
         if self._ckpt is not None:
             try:
                 reply = self._mirror("stop", timeout)
-                ok = bool(reply and reply.get("ok"))
+                ok = reply is not None and reply.ok
                 if reply is not None and not ok:
-                    log.warning("records not all in the store yet: %s", reply.get("pending"))
+                    log.warning("records not all in the store yet: %s", reply.pending)
             finally:
                 self._ckpt.close()  # returns once the daemon holds every checkpoint saved
         return ok
@@ -1171,30 +1168,6 @@ class Experiment:
         if exc is not None:
             log.error("run failed", exc_info=(exc_type, exc, tb))
         self.finish("failed" if exc is not None else "finished")
-
-
-def _request(conn: Any, msg: dict[str, Any]) -> dict[str, Any]:
-    """``conn.request`` without a fixed deadline, that gives up when the connection dies (a
-    flush may rightly take long; a dead daemon must not hang ``finish``)."""
-    import queue
-
-    rid = next(conn._rids)
-    q: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
-    conn._replies[rid] = q
-    try:
-        conn.send({**msg, "rid": rid})
-        while True:
-            try:
-                return q.get(timeout=0.2)
-            except queue.Empty:
-                if not conn.alive:
-                    if not q.empty():  # answered, then went away
-                        return q.get_nowait()
-                    raise DaemonUnavailableError(
-                        "the daemon went away during a mirror request"
-                    ) from None
-    finally:
-        conn._replies.pop(rid, None)
 
 
 # ---- reading records back ----------------------------------------------------------------------
