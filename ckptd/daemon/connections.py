@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import ConfigError, ProtocolError
-from ..protocol import MAX_FRAME, FrameReader, encode
+from ..protocol import MAX_FRAME, ErrorEvent, Event, FrameReader, encode
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -60,12 +60,12 @@ class Client:
         self.alive = True
         self._drop = drop
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Event) -> None:
         """Queue a message; never waits for the client to read it. A full outbox drops it."""
         if not self.alive:
             return
         try:
-            self.outbox.put_nowait(encode(msg))
+            self.outbox.put_nowait(encode(msg.to_wire()))
         except asyncio.QueueFull:
             log.warning("client %d (pid %s) does not read its replies; dropping it",
                         self.id, self.pid)  # fmt: skip
@@ -203,7 +203,7 @@ class ClientServer:
             if len(self.clients) >= MAX_CLIENTS:
                 log.warning("refusing a client: %d connections already", len(self.clients))
                 with contextlib.suppress(OSError):
-                    sock.send(encode({"ev": "error", "error": "too many clients connected"}))
+                    sock.send(encode(ErrorEvent(error="too many clients connected").to_wire()))
                 sock.close()
                 continue
             client = Client(self._next_id, sock, self.drop)
@@ -279,7 +279,7 @@ class ClientServer:
                 self._account(client, reader.pending_bytes)
         except ProtocolError as e:
             log.warning("client %d (pid %s): %s; dropping the connection", client.id, client.pid, e)
-            await self._send_last(client, {"ev": "error", "error": str(e)})
+            await self._send_last(client, ErrorEvent(error=str(e)))
         except (ConnectionError, OSError) as e:
             log.info("client %d (pid %s) went away: %s", client.id, client.pid, e)
         finally:
@@ -294,12 +294,12 @@ class ClientServer:
         client.buffered = pending
 
     @staticmethod
-    async def _send_last(client: Client, msg: dict[str, Any]) -> None:
+    async def _send_last(client: Client, msg: Event) -> None:
         """A final message before dropping the client: sent now, briefly, past the queue."""
         with contextlib.suppress(OSError, TimeoutError):
             async with client.send_lock:
                 await asyncio.wait_for(
-                    asyncio.get_running_loop().sock_sendall(client.sock, encode(msg)), 1.0
+                    asyncio.get_running_loop().sock_sendall(client.sock, encode(msg.to_wire())), 1.0
                 )
 
     def drop(self, client: Client) -> None:

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol import Event, Failed, Released, Uploaded
+
 
 class JobState(enum.StrEnum):
     STAGED = "staged"  # received, waiting for a writer
@@ -107,8 +109,9 @@ class JobTable:
     def client(self, job: Job) -> Any:
         return self._clients.get(job.client or -1)
 
-    def send(self, job: Job, msg: dict[str, Any]) -> None:
-        if (client := self.client(job)) is not None:
+    def send(self, job: Job, msg: Event) -> None:
+        """Tell the job's client, if it is still connected and the job is one of its saves."""
+        if job.save_id is not None and (client := self.client(job)) is not None:
             client.send(msg)
 
     def refusal(self, job: Job) -> str | None:
@@ -141,7 +144,7 @@ class JobTable:
     async def finish(self, job: Job) -> None:
         job.state = JobState.UPLOADED
         job.uploaded_at = time.time()
-        self.send(job, {"ev": "uploaded", "id": job.save_id})
+        self.send(job, Uploaded(id=job.save_id or 0))
         await self.changed()
 
     async def fail(self, job: Job, error: str, *, release_slot: Any = _NO_SLOT) -> None:
@@ -149,8 +152,8 @@ class JobTable:
         job.state = JobState.FAILED
         job.error = error
         if release_slot is not _NO_SLOT:
-            self.send(job, {"ev": "released", "id": job.save_id, "slot": release_slot})
-        self.send(job, {"ev": "failed", "id": job.save_id, "error": error})
+            self.send(job, Released(id=job.save_id or 0, slot=release_slot))
+        self.send(job, Failed(id=job.save_id or 0, error=error))
         await self.changed()
 
     async def drop(self, job: Job, reason: str) -> None:

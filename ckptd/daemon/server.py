@@ -29,8 +29,26 @@ from typing import Any
 from .. import __version__
 from ..errors import CkptdError, ConfigError, ProtocolError
 from ..names import check_name
-from ..protocol import FrameReader
-from ..protocol import field as msg_field
+from ..protocol import (
+    ByeRequest,
+    CommitRequest,
+    Drained,
+    DrainRequest,
+    ErrorEvent,
+    Failed,
+    FrameReader,
+    HelloRequest,
+    MirrorRequest,
+    Preempted,
+    Released,
+    SaveRequest,
+    SlotRequest,
+    StatusReport,
+    StatusRequest,
+    Welcome,
+    parse_event,
+    parse_request,
+)
 from . import recovery, sdnotify
 from .config import DaemonConfig
 from .connections import Client, ClientServer
@@ -195,58 +213,60 @@ class Daemon:
             self._refuse(client, msg, str(e))
 
     async def _handle(self, client: Client, msg: dict[str, Any], reader: FrameReader) -> None:
-        op = msg_field(msg, "op", str)
-        if op == "hello":
-            client.pid = msg_field(msg, "pid", int, optional=True)
-            run = msg_field(msg, "run", str, optional=True)
-            client.run = check_name(run, "run") if run else None
-            store = msg_field(msg, "store", str, optional=True)
-            if store:
-                self.stores.get(store)  # validates the URL now, not at the first upload
-            client.store = store
-            client.send(self._welcome(msg))
-        elif op == "slot":
-            accept_slot(client, msg, reader)
-        elif op == "save":
-            self._on_save(client, msg)
-        elif op == "status":
-            client.send({"ev": "status", "rid": msg.get("rid"), **self.status()})
-        elif op == "drain":
-            timeout = msg_field(msg, "timeout", (int, float), optional=True)
-            self._spawn(self._reply_drain(client, msg.get("rid"), timeout))
-        elif op == "mirror":
-            self._spawn(self._reply_mirror(client, msg))
-        elif op == "commit":
-            self._spawn(self.sharded.reply_commit(client, msg))
-        elif op == "bye":
-            raise ConnectionResetError("client said bye")
-        else:
-            raise ProtocolError(f"unknown op {op!r}")
+        try:
+            req = parse_request(msg)
+        except ProtocolError as e:
+            if msg.get("op") in ("mirror", "commit"):  # answered, the client stays
+                client.send(ErrorEvent(rid=_rid(msg), error=str(e)))
+                return
+            raise
+        match req:
+            case HelloRequest():
+                client.pid = req.pid
+                client.run = check_name(req.run, "run") if req.run else None
+                if req.store:
+                    self.stores.get(req.store)  # validates the URL now, not at the first upload
+                client.store = req.store
+                client.send(self._welcome(req.rid))
+            case SlotRequest():
+                accept_slot(client, req, reader)
+            case SaveRequest():
+                self._on_save(client, req)
+            case StatusRequest():
+                client.send(StatusReport(rid=req.rid, **self.status()))
+            case DrainRequest():
+                self._spawn(self._reply_drain(client, req.rid, req.timeout))
+            case MirrorRequest():
+                self._spawn(self._reply_mirror(client, msg, req.rid))
+            case CommitRequest():
+                self._spawn(self.sharded.reply_commit(client, req))
+            case ByeRequest():
+                raise ConnectionResetError("client said bye")
 
     def _refuse(self, client: Client, msg: dict[str, Any], error: str) -> None:
         """Tell the client why its message was refused, as the reply it waits for."""
         log.warning("client %d (pid %s): refused %r: %s", client.id, client.pid, msg.get("op"),
                     error)  # fmt: skip
         if msg.get("op") == "save" and isinstance(msg.get("id"), int):
-            client.send({"ev": "released", "id": msg["id"], "slot": msg.get("slot")})
-            client.send({"ev": "failed", "id": msg["id"], "error": error})
+            slot = msg.get("slot") if isinstance(msg.get("slot"), int) else None
+            client.send(Released(id=msg["id"], slot=slot))
+            client.send(Failed(id=msg["id"], error=error))
         else:
-            client.send({"ev": "error", "rid": msg.get("rid"), "error": error})
+            client.send(ErrorEvent(rid=_rid(msg), error=error))
 
-    def _welcome(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "ev": "welcome",
-            "rid": msg.get("rid"),
-            "version": __version__,
-            "root": self.cfg.root,
-            "store": self.cfg.store,
-            "pid": os.getpid(),
-            "preempted": self.preempted,
-            "features": ["mirror", "parts"],
-        }
+    def _welcome(self, rid: int | None) -> Welcome:
+        return Welcome(
+            rid=rid,
+            version=__version__,
+            root=self.cfg.root,
+            store=self.cfg.store,
+            pid=os.getpid(),
+            preempted=self.preempted,
+            features=["mirror", "parts"],
+        )
 
-    def _on_save(self, client: Client, msg: dict[str, Any]) -> None:
-        save = parse_save(client, msg, self.cfg.store)
+    def _on_save(self, client: Client, req: SaveRequest) -> None:
+        save = parse_save(client, req, self.cfg.store)
         job = save.job
         refusal = self.jobs.refusal(job)
         if refusal is None and job.part is None:
@@ -287,12 +307,13 @@ class Daemon:
         else:
             self.uploads.enqueue(job)
 
-    async def _reply_mirror(self, client: Client, msg: dict[str, Any]) -> None:
+    async def _reply_mirror(self, client: Client, msg: dict[str, Any], rid: int | None) -> None:
         try:
-            reply = await self.mirrors.handle(msg, client=client.id)
+            reply = parse_event(await self.mirrors.handle(msg, client=client.id))
         except (CkptdError, OSError) as e:  # bad run/dir/action, or no inotify watch left
-            reply = {"ev": "error", "error": f"cannot mirror: {e}"}
-        client.send({**reply, "rid": msg.get("rid")})
+            reply = ErrorEvent(error=f"cannot mirror: {e}")
+        reply.rid = rid
+        client.send(reply)
 
     async def on_preemption_notice(self, source: str, detail: str) -> None:
         """The machine is going away: tell clients, upload newest first, drop superseded uploads."""
@@ -303,7 +324,7 @@ class Daemon:
         sdnotify.notify(f"STATUS=preempted ({source}); draining newest first")
         self.uploads.drop_superseded()
         for client in list(self.net.clients.values()):
-            client.send({"ev": "preempted", "source": source, "detail": detail})
+            client.send(Preempted(source=source, detail=detail))
         await self.jobs.changed()
 
     # ---- status and drain ------------------------------------------------------------------
@@ -319,9 +340,9 @@ class Daemon:
         left_jobs = self.jobs.unfinished()
         return not left_jobs and mirrored, left_jobs
 
-    async def _reply_drain(self, client: Client, rid: Any, timeout: float | None) -> None:
+    async def _reply_drain(self, client: Client, rid: int | None, timeout: float | None) -> None:
         ok, left = await self.drain(timeout)
-        client.send({"ev": "drained", "rid": rid, "ok": ok, "pending": [j.as_dict() for j in left]})
+        client.send(Drained(rid=rid, ok=ok, pending=[j.as_dict() for j in left]))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -342,3 +363,8 @@ class Daemon:
             "mirrors": self.mirrors.pending(),
             "jobs": self.jobs.recent(50),
         }
+
+
+def _rid(msg: dict[str, Any]) -> int | None:
+    rid = msg.get("rid")
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None

@@ -32,7 +32,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..names import check_file_name, check_name
-from ..protocol import field as msg_field
+from ..protocol import CommitRequest, Committed, ErrorEvent
 from ..storage import Store, join_key
 from .commit import assemble_parts, commit, crc_hex, parts_dir
 from .config import DaemonConfig
@@ -130,28 +130,26 @@ class ShardedCommits:
         with contextlib.suppress(OSError):  # empty once every part of this node is up
             os.rmdir(jdir)
 
-    async def reply_commit(self, client: Client, msg: dict[str, Any]) -> None:
+    async def reply_commit(self, client: Client, req: CommitRequest) -> None:
         """The global commit of a sharded checkpoint, asked by its coordinating rank once every
         rank's part is committed (local root) or uploaded (store): the metadata, then
         MANIFEST.json last, then ``latest``. Parts are checked to be in place first."""
-        rid = msg.get("rid")
+        rid = req.rid
 
         def error(text: str) -> None:
-            client.send({"ev": "error", "rid": rid, "error": text})
+            client.send(ErrorEvent(rid=rid, error=text))
 
         try:
-            run = check_name(msg_field(msg, "run", str), "run")
-            tag = check_name(msg_field(msg, "tag", str), "tag")
-            step = msg_field(msg, "step", int)
-            store_url = (
-                msg_field(msg, "store", str, optional=True) or client.store or self.cfg.store
-            )
-            parts = _part_records(msg_field(msg, "parts", dict))
-            inline = msg_field(msg, "inline", dict, optional=True) or {}
-            for name, data in inline.items():
-                if not isinstance(data, bytes) or _check_meta_name(name) in parts:
+            run = check_name(req.run, "run")
+            tag = check_name(req.tag, "tag")
+            step = req.step
+            store_url = req.store or client.store or self.cfg.store
+            parts = _part_records(req.parts)
+            inline = req.inline or {}
+            for name in inline:
+                if _check_meta_name(name) in parts:
                     raise ProtocolError(f"bad inline file {name!r}")
-            given = msg_field(msg, "manifest", dict, optional=True) or {}
+            given = req.manifest or {}
         except (ProtocolError, ConfigError) as e:
             error(str(e))
             return
@@ -191,7 +189,7 @@ class ShardedCommits:
         self._uploads().retain(job)
         log.info("committed sharded checkpoint %s: %d parts, %.1f MiB -> %s",
                  job.key, len(parts), job.bytes_total / 2**20, path)  # fmt: skip
-        client.send({"ev": "committed", "rid": rid, "tag": tag, "path": path})
+        client.send(Committed(rid=rid, tag=tag, path=path))
 
     async def _commit_remote(
         self,

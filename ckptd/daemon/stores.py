@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from ..errors import CkptdError
 from ..storage import Store, is_local, join_key, local_path, open_store
 
 
 class StoreSet:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, opener: Callable[[str], Store] = open_store) -> None:
         self.root = root
+        self._open = opener
         self._stores: dict[str, Store] = {}
         self._latest: dict[str, int] = {}
         self._latest_lock = asyncio.Lock()
@@ -24,7 +26,7 @@ class StoreSet:
     def get(self, url: str) -> Store:
         store = self._stores.get(url)
         if store is None:
-            store = self._stores[url] = open_store(url)
+            store = self._stores[url] = self._open(url)
         return store
 
     def is_root(self, url: str | None) -> bool:

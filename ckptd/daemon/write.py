@@ -33,8 +33,7 @@ from ..errors import (
 )
 from ..header import FORMAT, decode_header
 from ..names import check_file_name, check_name
-from ..protocol import FrameReader
-from ..protocol import field as msg_field
+from ..protocol import Committed, FrameReader, Released, SaveRequest, SlotRequest
 from ..storage import join_key
 from . import recovery
 from .commit import StagedFile, commit, update_latest, write_part, write_staged
@@ -87,40 +86,34 @@ class StagedSave:
             self.lease.close()
 
 
-def accept_slot(client: Client, msg: dict[str, Any], reader: FrameReader) -> None:
+def accept_slot(client: Client, req: SlotRequest, reader: FrameReader) -> None:
     """A ``slot`` message: the client's staging memory, kept by descriptor until replaced."""
     if not reader.fds:
         raise ProtocolError("slot message without a file descriptor")
     fd = reader.fds.popleft()
     try:
-        index = msg_field(msg, "slot", int)
-        size = msg_field(msg, "size", int)
-        gen = msg_field(msg, "generation", int)
-        if not 0 <= index < MAX_SLOTS or not 0 < size <= MAX_SLOT_SIZE:
-            raise ProtocolError(f"slot {index} of {size} bytes is out of range")
+        if not 0 <= req.slot < MAX_SLOTS or not 0 < req.size <= MAX_SLOT_SIZE:
+            raise ProtocolError(f"slot {req.slot} of {req.size} bytes is out of range")
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < size:
-            raise ProtocolError(f"slot {index}: descriptor is not a {size} byte memory file")
+        if not stat.S_ISREG(st.st_mode) or st.st_size < req.size:
+            raise ProtocolError(f"slot {req.slot}: descriptor is not a {req.size} byte memory file")
     except (ProtocolError, OSError):
         os.close(fd)
         raise
-    client.set_slot(index, fd, size, gen)
+    client.set_slot(req.slot, fd, req.size, req.generation)
 
 
-def parse_save(client: Client, msg: dict[str, Any], default_store: str | None) -> StagedSave:
-    """Check a ``save`` message against the client's slots; raise ``ProtocolError`` (the
-    client is dropped) or ``ConfigError`` (a bad name: the save is refused, the client kept)."""
-    save_id = msg_field(msg, "id", int)
-    run = check_name(msg_field(msg, "run", str), "run")
-    tag = check_name(msg_field(msg, "tag", str), "tag")
-    step = msg_field(msg, "step", int)
-    store = msg_field(msg, "store", str, optional=True) or client.store or default_store
-    manifest_in = msg_field(msg, "manifest", dict, optional=True) or {}
-    files, inline, lease, total = _files(client, msg)
-    job = Job(run=run, tag=tag, step=step, store=store, client=client.id, save_id=save_id)
+def parse_save(client: Client, req: SaveRequest, default_store: str | None) -> StagedSave:
+    """Check a ``save`` against the client's slots; raise ``ProtocolError`` (the client is
+    dropped) or ``ConfigError`` (a bad name: the save is refused, the client kept)."""
+    run = check_name(req.run, "run")
+    tag = check_name(req.tag, "tag")
+    store = req.store or client.store or default_store
+    files, inline, lease, total = _files(client, req)
+    job = Job(run=run, tag=tag, step=req.step, store=store, client=client.id, save_id=req.id)
     job.bytes_total = total
-    staged = StagedSave(job, files, inline, lease, msg.get("slot"), manifest_in)
-    if msg_field(msg, "part", bool, optional=True):
+    staged = StagedSave(job, files, inline, lease, req.slot, req.manifest or {})
+    if req.part:
         if len(files) != 1 or inline or lease is None:
             staged.close()
             raise ProtocolError("a part save carries exactly one staged file")
@@ -129,57 +122,46 @@ def parse_save(client: Client, msg: dict[str, Any], default_store: str | None) -
 
 
 def _files(
-    client: Client, msg: dict[str, Any]
+    client: Client, req: SaveRequest
 ) -> tuple[list[StagedFile], dict[str, bytes], SlotLease | None, int]:
-    raw_files = msg_field(msg, "files", list)
-    raw_inline = msg_field(msg, "inline", dict, optional=True) or {}
     names: set[str] = set()
     files: list[StagedFile] = []
     lease: SlotLease | None = None
     slot_size = 0
-    if raw_files:
-        index = msg_field(msg, "slot", int)
-        if index not in client.slots:
-            raise ProtocolError(f"save names slot {index}, which this client never sent")
-        fd, slot_size, gen = client.slots[index]
-        if msg_field(msg, "generation", int) != gen:
+    if req.files:
+        if req.slot is None or req.slot not in client.slots:
+            raise ProtocolError(f"save names slot {req.slot}, which this client never sent")
+        fd, slot_size, gen = client.slots[req.slot]
+        if req.generation != gen:
             raise ProtocolError(
-                f"save names generation {msg['generation']} of slot {index}, not {gen}"
+                f"save names generation {req.generation} of slot {req.slot}, not {gen}"
             )
         # The job keeps the memory alive even if the client dies or replaces the slot now.
-        lease = SlotLease(fd, slot_size, label=f"slot {index} of client {client.id}")
+        lease = SlotLease(fd, slot_size, label=f"slot {req.slot} of client {client.id}")
     total = 0
     try:
-        for raw in raw_files:
-            if not isinstance(raw, dict):
-                raise ProtocolError("files entries must be maps")
-            name = check_data_name(msg_field(raw, "name", str))
-            header = msg_field(raw, "header", bytes)
-            offset = msg_field(raw, "offset", int)
-            size = msg_field(raw, "size", int)
+        for f in req.files:
+            name = check_data_name(f.name)
             if name in names:
                 raise ProtocolError(f"repeated file name {name!r}")
-            raw_segments = msg_field(raw, "segments", list, optional=True)
             segments = None
-            pieces = [(offset, size)]
-            if raw_segments is not None:
-                segments = pieces = _segments(name, raw_segments, size)
+            pieces = [(f.offset, f.size)]
+            if f.segments is not None:
+                segments = pieces = _segments(name, f.segments, f.size)
             for o, n in pieces:
                 if o < 0 or n < 0 or o + n > slot_size:
                     raise ProtocolError(
                         f"{name}: bytes [{o}, {o + n}) lie outside the {slot_size} byte slot"
                     )
             try:
-                decode_header(header, len(header) + size)
+                decode_header(f.header, len(f.header) + f.size)
             except CkptdError as e:
                 raise ProtocolError(f"{name}: {e}") from e
             names.add(name)
-            files.append(StagedFile(name, header, offset, size, segments))
-            total += len(header) + size
+            files.append(StagedFile(name, f.header, f.offset, f.size, segments))
+            total += len(f.header) + f.size
         inline: dict[str, bytes] = {}
-        for name, data in raw_inline.items():
-            if not isinstance(name, str) or not isinstance(data, bytes):
-                raise ProtocolError("inline files must map names to bytes")
+        for name, data in (req.inline or {}).items():
             check_data_name(name)
             if name in names:
                 raise ProtocolError(f"repeated file name {name!r}")
@@ -195,14 +177,10 @@ def _files(
     return files, inline, lease, total
 
 
-def _segments(name: str, raw: list[Any], size: int) -> list[tuple[int, int]]:
+def _segments(name: str, raw: list[list[int]], size: int) -> list[tuple[int, int]]:
     out = []
     for seg in raw:
-        if (
-            not isinstance(seg, list | tuple)
-            or len(seg) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in seg)
-        ):
+        if len(seg) != 2:
             raise ProtocolError(f"{name}: segments must be [offset, size] pairs")
         out.append((int(seg[0]), int(seg[1])))
     if sum(n for _, n in out) != size:
@@ -266,7 +244,7 @@ class WriteStage:
                             save.inline, source, progress,
                         )  # fmt: skip
             released = True
-            self.jobs.send(job, {"ev": "released", "id": job.save_id, "slot": save.slot})
+            self.jobs.send(job, Released(id=job.save_id or 0, slot=save.slot))
             if job.part is None:
                 assert partial is not None
                 if taken is not None and (holder := await taken) is not None:
@@ -305,10 +283,8 @@ class WriteStage:
             "committed %s: %.1f MiB in %.2f s (%.0f MiB/s) -> %s",
             job.key, job.bytes_total / 2**20, took, job.bytes_total / 2**20 / max(took, 1e-6), final,
         )  # fmt: skip
-        event = {"ev": "committed", "id": job.save_id, "tag": job.tag, "path": final}
-        if job.part is not None:
-            event["files"] = job.files
-        self.jobs.send(job, event)
+        files = job.files if job.part is not None else None
+        self.jobs.send(job, Committed(id=job.save_id, tag=job.tag, path=final, files=files))
         await self._committed(job)
 
     async def _failed(
