@@ -45,11 +45,12 @@ import asyncio
 import contextlib
 import errno
 import fnmatch
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,9 @@ from ..errors import CkptdError, ConfigError, IntegrityError, NotFoundError, Sto
 from ..names import check_name
 from ..storage import Store, join_key
 from ..storage.retry import with_retries
+
+Transfer = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+"""Runs one upload (a zero-argument coroutine function) and returns when it is done."""
 
 log = logging.getLogger("ckptd.mirror")
 
@@ -267,9 +271,13 @@ class Mirror:
         attempts: int = 4,
         max_file_size: int | None = DEFAULT_MAX_FILE_SIZE,
         upload_timeout_s: float = 600.0,
+        transfer: Transfer | None = None,
     ) -> None:
         """``max_file_size`` None means no cap; ``upload_timeout_s`` bounds one file's upload
-        (open, checksum and every retry), so a hung store turns into a failure, not a hang."""
+        (open, checksum and every retry), so a hung store turns into a failure, not a hang.
+        ``transfer``, when given, runs each upload (the daemon's upload queue, so records share
+        its bound, its fair share between runs and its order under preemption); without it a
+        mirror uploads by itself, ``concurrency`` files at a time."""
         if quiet_s < 0 or max_delay_s <= 0 or concurrency < 1:
             raise ConfigError("quiet_s >= 0, max_delay_s > 0 and concurrency >= 1 are required")
         if max_file_size is not None and max_file_size < 0:
@@ -297,6 +305,7 @@ class Mirror:
         self._uploaded: dict[str, tuple[int, int]] = {}  # rel -> (size, crc32c) last uploaded
         self._seen: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) at that upload
         self._sem = asyncio.Semaphore(concurrency)
+        self._transfer = transfer
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -575,8 +584,7 @@ class Mirror:
         path = os.path.join(self.directory, *rel.split("/"))
         key = join_key(self.key_prefix, rel)
         try:
-            async with self._sem:
-                await asyncio.wait_for(self._upload_one(rel, path, key), self.upload_timeout_s)
+            await asyncio.wait_for(self._upload_one(rel, path, key), self.upload_timeout_s)
         except _Skip as e:
             self._skip(rel, str(e))
         except (IntegrityError, NotFoundError, FileNotFoundError) as e:
@@ -634,7 +642,14 @@ class Mirror:
             async def put() -> None:
                 await self.store.put_file(key, source, size=size, crc32c=crc)
 
-            await with_retries(put, what=f"mirror {key}", attempts=self.attempts)
+            async def attempt() -> None:
+                await with_retries(put, what=f"mirror {key}", attempts=self.attempts)
+
+            if self._transfer is not None:
+                await self._transfer(attempt)
+            else:
+                async with self._sem:
+                    await attempt()
             changed = await asyncio.to_thread(f.changed)
         self._uploaded[rel] = (size, crc)
         self._seen[rel] = (size, st.st_mtime_ns)
@@ -727,8 +742,11 @@ class Mirrors:
             store_url = msg.get("store") or self._default_store
             if not isinstance(store_url, str):
                 raise ConfigError("mirror store must be a URL string")
+            kwargs = dict(self._kwargs)
+            if (transfer := kwargs.pop("transfer", None)) is not None:
+                kwargs["transfer"] = functools.partial(transfer, run)
             mirror = Mirror(
-                directory, self._store_for(store_url), join_key(run, "experiment"), **self._kwargs
+                directory, self._store_for(store_url), join_key(run, "experiment"), **kwargs
             )
             await mirror.start()
             self._mirrors[run] = mirror

@@ -92,9 +92,11 @@ class Daemon:
             spawn=self._spawn, upload_part=self.sharded.upload_part,
             orphaned=self.sharded.drop_if_orphan,
         )  # fmt: skip
+        # Records go through the same upload queue as checkpoints; the stores retry requests.
         self.mirrors = Mirrors(
-            self.stores.get, config.store or config.root, max_file_size=config.mirror_max_file_size
-        )
+            self.stores.get, config.store or config.root,
+            max_file_size=config.mirror_max_file_size, transfer=self.uploads.transfer, attempts=1,
+        )  # fmt: skip
         self._writers: dict[str, int] = {}  # run -> id of the connection that saves it
         self._stop = asyncio.Event()
         self.fatal = False

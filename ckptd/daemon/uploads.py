@@ -1,8 +1,10 @@
-"""The upload stage: one queue for every committed checkpoint and every rank's part.
+"""The upload stage: one queue for every committed checkpoint, every rank's part and every
+experiment record the mirror uploads.
 
 Order: the run served least recently first (fair share between runs); under a preemption
-notice, the newest checkpoint first, and waiting uploads that a newer committed checkpoint of
-the run supersedes are dropped (their local copies stay).
+notice, the newest checkpoint first (records after every checkpoint), and waiting uploads that
+a newer committed checkpoint of the run supersedes are dropped (their local copies stay). At most
+``uploads`` items are in flight, whatever their kind.
 
 Retries, one layer per operation: each store request is retried by the store itself (typed
 transient errors, backoff with jitter, counted in ``status`` per store); a checkpoint whose
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import retention
@@ -36,6 +39,16 @@ from .upload import clear_record, pending_records, upload_checkpoint
 log = logging.getLogger("ckptd.daemon")
 
 MAX_BACKOFF = 60.0
+
+
+@dataclass(eq=False, slots=True)
+class Record:
+    """One experiment file the mirror uploads, waiting for a worker like a checkpoint."""
+
+    run: str
+    upload: Callable[[], Awaitable[None]]
+    done: asyncio.Future[None]
+    step: int = -1  # behind every checkpoint under preemption
 
 
 async def _once(fn: Callable[[], Awaitable[Any]], *, what: str) -> Any:
@@ -62,19 +75,31 @@ class UploadStage:
         self._spawn = spawn
         self._upload_part = upload_part
         self._orphaned = orphaned
-        self.queue: list[Job] = []
+        self.queue: list[Job | Record] = []
         self._wake = asyncio.Event()
         self._served: dict[str, float] = {}  # run -> when its last upload started
         self.preempted = False
 
     # ---- the queue -----------------------------------------------------------------------------
 
-    def enqueue(self, job: Job) -> None:
+    def enqueue(self, job: Job | Record) -> None:
         if job not in self.queue:
             self.queue.append(job)
             self._wake.set()
 
-    def _next(self) -> Job | None:
+    async def transfer(self, run: str, upload: Callable[[], Awaitable[None]]) -> None:
+        """Run one record upload through the queue; returns (or raises) when it is done."""
+        record = Record(run, upload, asyncio.get_running_loop().create_future())
+        self.enqueue(record)
+        try:
+            await asyncio.shield(record.done)
+        except asyncio.CancelledError:
+            if record in self.queue:
+                self.queue.remove(record)
+            record.done.cancel()
+            raise
+
+    def _next(self) -> Job | Record | None:
         if self.preempted:
             self.drop_superseded()
         if not self.queue:
@@ -116,7 +141,30 @@ class UploadStage:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._upload(job)
+            if isinstance(job, Record):
+                await self._record(job)
+            else:
+                await self._upload(job)
+
+    @staticmethod
+    async def _record(record: Record) -> None:
+        if record.done.done():  # its mirror gave up waiting (stopped, timed out)
+            return
+        task = asyncio.ensure_future(record.upload())
+        record.done.add_done_callback(lambda _: task.cancel())  # cancelled with its waiter
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not record.done.done():
+                record.done.cancel()
+            if not task.cancelled():
+                raise
+        except Exception as e:  # noqa: BLE001 - handed to the waiting mirror, which decides by type
+            if not record.done.done():
+                record.done.set_exception(e)
+        else:
+            if not record.done.done():
+                record.done.set_result(None)
 
     async def _upload(self, job: Job) -> None:
         assert job.store is not None

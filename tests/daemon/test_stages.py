@@ -254,3 +254,29 @@ async def test_the_queue_shares_between_runs_and_goes_newest_first_under_preempt
     chosen = uploads._next()
     assert chosen is not None and (chosen.run, chosen.step) in (("a", 2), ("b", 1))
     assert made[0].state == JobState.DROPPED  # a@1 is superseded by a@2
+
+
+async def test_records_go_through_the_upload_queue_and_errors_reach_the_mirror(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The mirror's uploads share the queue (its bound, fair share and preemption order)."""
+    _, _, _, _, uploads, tasks = _stages(str(tmp_path), "memory://x")
+    ran: list[str] = []
+
+    async def ok() -> None:
+        ran.append("ok")
+
+    async def bad() -> None:
+        raise TransientStorageError("503")
+
+    waiting = asyncio.ensure_future(uploads.transfer("r", ok))
+    await asyncio.sleep(0)
+    assert not ran and len(uploads.queue) == 1  # nothing runs outside a worker
+    worker = asyncio.ensure_future(uploads.worker())
+    try:
+        await asyncio.wait_for(waiting, 10)
+        assert ran == ["ok"]
+        with pytest.raises(TransientStorageError):
+            await asyncio.wait_for(uploads.transfer("r", bad), 10)
+    finally:
+        worker.cancel()
+        for t in tasks:
+            t.cancel()
