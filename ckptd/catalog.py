@@ -138,7 +138,7 @@ def checkpoint_directory(url: str) -> tuple[str, dict[str, Any]] | None:
     return path, schema.parse(raw, tag=None, where=path)
 
 
-def _normalize(url: str) -> tuple[str, str | None]:
+def normalize_url(url: str) -> tuple[str, str | None]:
     """Accept a run URL, or a local checkpoint directory (then its tag is implied)."""
     if is_local(url):
         path = local_path(url)
@@ -175,7 +175,7 @@ async def _list_tags(store: Store) -> list[str]:
     return sorted(tags)
 
 
-async def _list_manifests(store: Store) -> list[dict[str, Any]]:
+async def list_manifests(store: Store) -> list[dict[str, Any]]:
     """Every valid manifest of the run, oldest first; a bad one is skipped with a warning."""
     out = []
     for tag in await _list_tags(store):
@@ -196,14 +196,14 @@ async def _missing(store: Store, tag: str) -> NotFoundError:
     return NotFoundError(f"no checkpoint {tag!r} in {store.url}; it has: {shown}{more}")
 
 
-async def _candidates(store: Store, tag: str) -> list[dict[str, Any]]:
+async def candidates(store: Store, tag: str) -> list[dict[str, Any]]:
     """Manifests to try, best first: the named tag; or for latest, the pointer then newest first."""
     if tag != "latest":
         try:
             return [await _read_manifest(store, tag)]
         except NotFoundError:
             raise await _missing(store, tag) from None
-    manifests = await _list_manifests(store)
+    manifests = await list_manifests(store)
     if not manifests:
         return []
     try:
@@ -222,11 +222,11 @@ async def _candidates(store: Store, tag: str) -> list[dict[str, Any]]:
 
 def list_checkpoints(url: str) -> list[dict[str, Any]]:
     """Manifests of every committed checkpoint of the run at ``url``, oldest first."""
-    base, _ = _normalize(url)
+    base, _ = normalize_url(url)
 
     async def go() -> list[dict[str, Any]]:
         async with open_store(base) as store:
-            return await _list_manifests(store)
+            return await list_manifests(store)
 
     return run_sync(go())
 
@@ -274,17 +274,17 @@ async def _fetch(
 
 def _in_location(url: str, tag: str) -> list[Located]:
     """The checkpoints ``url``@``tag`` may name, best first: a bare directory is its own one; a
-    run gives its ``_candidates`` (for latest: the pointer, then newest first)."""
+    run gives its ``candidates`` (for latest: the pointer, then newest first)."""
     if (direct := checkpoint_directory(url)) is not None:
         path, manifest = direct
         return [Located(path, manifest["tag"], manifest, directory=path)]
-    base, implied = _normalize(url)
+    base, implied = normalize_url(url)
     if implied is not None and tag == "latest":
         tag = implied
 
     async def go() -> list[dict[str, Any]]:
         async with open_store(base) as store:
-            return await _candidates(store, tag)
+            return await candidates(store, tag)
 
     return [Located(base, m["tag"], m) for m in run_sync(go())]
 
@@ -373,7 +373,7 @@ def _locate(url: str, tag: str) -> Located:
     """The checkpoint ``url``@``tag`` names: a bare directory, or the best candidate of a run."""
     cands = newest_first([url], tag)
     if not cands:
-        raise NotFoundError(f"no complete checkpoint in {_normalize(url)[0]}")
+        raise NotFoundError(f"no complete checkpoint in {normalize_url(url)[0]}")
     return cands[0]
 
 
@@ -382,7 +382,7 @@ def _total(manifest: dict[str, Any]) -> int:
 
 
 @contextlib.contextmanager
-def _local_files(loc: Located) -> Iterator[tuple[str, list[str]]]:
+def local_files(loc: Located) -> Iterator[tuple[str, list[str]]]:
     """The checkpoint's files on this machine: in place when local, else downloaded first."""
     if loc.directory is not None or is_local(loc.url):
         yield loc.source()
@@ -405,7 +405,7 @@ def verify(url: str, tag: str = "latest") -> Located:
 
 def _check_located(loc: Located) -> Located:
     """Verify ``loc``'s files (downloading them first when remote); errors name the checkpoint."""
-    with _local_files(loc) as (base, parts):
+    with local_files(loc) as (base, parts):
         try:
             with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
                 _verify_dir(base, parts, loc.manifest, p)
@@ -467,7 +467,7 @@ def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
     loc = _locate(url, tag)
     label = f"restore {loc.url}@{loc.tag}"
     with (
-        _local_files(loc) as (base, parts),
+        local_files(loc) as (base, parts),
         _dest_dir(dest) as d,
         Progress(_total(loc.manifest), label) as progress,
     ):

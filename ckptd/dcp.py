@@ -62,7 +62,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .catalog import Located, _candidates, _local_files, run_sync
+from .catalog import Located, candidates, local_files, run_sync
 from .client import Checkpointer
 from .ddp import rank_and_world
 from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, SerializationError
@@ -70,8 +70,8 @@ from .fmt import DTYPES, TORCH_DTYPES, check_tensor
 from .header import FORMAT, encode_header
 from .names import check_file_name, check_name
 from .protocol import CommitRequest, Committed, ErrorEvent, HelloRequest, Welcome
-from .reader import _read_verified, _tensors
-from .stager import _copy_all
+from .reader import file_tensors, read_verified
+from .stager import copy_all
 from .storage import join_key, open_store
 
 __all__ = ["METADATA", "Reader", "Writer", "shard_name"]
@@ -181,7 +181,7 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     cpu = [(d, s if s.is_cpu else s.cpu()) for d, s in zip(dst, src, strict=True) if not s.is_cuda]
     with torch.no_grad():
         if cpu:
-            _copy_all([d for d, _ in cpu], [s for _, s in cpu])
+            copy_all([d for d, _ in cpu], [s for _, s in cpu])
         for d, s in cuda:
             d.copy_(s, non_blocking=True)
         if cuda:
@@ -654,7 +654,7 @@ class Reader(StorageReader):
         async def go() -> dict[str, Any]:
             async with open_store(self.url) as store:
                 # Validated manifests only (``ckptd.manifest``); a missing tag lists those there.
-                found = await _candidates(store, self.tag)
+                found = await candidates(store, self.tag)
                 if self.tag == "latest":
                     found = [m for m in found if m.get("kind") == "dcp"]
                     if not found:
@@ -703,7 +703,7 @@ class Reader(StorageReader):
     def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         locs = [self._loc(item) for item in plan.items]
         needed = sorted({loc.file for loc in locs})
-        files = {name: _tensors(buf, name) for name, buf in self._verified(needed).items()}
+        files = {name: file_tensors(buf, name) for name, buf in self._verified(needed).items()}
         blobs: dict[str, dict[str, Any]] = {}
         for item, loc in zip(plan.items, locs, strict=True):
             tensors, meta = files[loc.file]
@@ -770,8 +770,8 @@ class Reader(StorageReader):
             if name not in files:
                 raise IntegrityError(f"{name} is not listed in the manifest of {self.tag}")
         loc = Located(self.url, self.tag, {**self.manifest, "files": {n: files[n] for n in names}})
-        with _local_files(loc) as (base, parts):
-            return {n: _read_verified(base, [*parts, n], files[n]) for n in names}
+        with local_files(loc) as (base, parts):
+            return {n: read_verified(base, [*parts, n], files[n]) for n in names}
 
 
 def _blobs(file: str, meta: dict[str, str]) -> dict[str, Any]:

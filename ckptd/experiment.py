@@ -1174,9 +1174,9 @@ class Experiment:
 
 
 def _run_url(url: str) -> str:
-    from .catalog import _normalize, split_tag
+    from .catalog import normalize_url, split_tag
 
-    base, _ = _normalize(split_tag(url)[0])
+    base, _ = normalize_url(split_tag(url)[0])
     return base
 
 

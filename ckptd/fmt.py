@@ -143,7 +143,7 @@ class _Builder:
         sig = _signature(tensors, values) if self.cache is not None else ()
         cached = self.cache.files.get(name) if self.cache is not None else None
         if cached is not None and cached.sig == sig and cached.arena_offset == self.cursor:
-            cached.srcs = _pick(values, cached.order)
+            cached.srcs = pick_in_order(values, cached.order)
             cached.header = encode_header_json(meta_json, cached.entries_json)
             self.files.append(cached)
             self.cursor = cached.arena_offset + _round_up(cached.data_size, ALIGN)
@@ -207,7 +207,7 @@ def _signature(tensors: dict[str, Any], values: list[Any]) -> tuple[Any, ...]:
         return ()
 
 
-def _pick(values: list[Any], order: list[int]) -> list[Any]:
+def pick_in_order(values: list[Any], order: list[int]) -> list[Any]:
     """``[values[i] for i in order]`` without a Python frame per item."""
     if len(order) > 1:
         return list(itemgetter(*order)(values))

@@ -21,12 +21,12 @@ import torch
 
 from .catalog import (
     Located,
-    _local_files,
-    _normalize,
     copy_checkpoint,
     list_checkpoints,
     list_runs,
+    local_files,
     locate_newest,
+    normalize_url,
     open_listed,
     open_newest,
     run_sync,
@@ -73,7 +73,7 @@ _DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, R
 # ---- reading files ---------------------------------------------------------------------------
 
 
-def _read_verified(
+def read_verified(
     base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
 ) -> torch.Tensor:
     """The file ``base/parts...`` whole as a uint8 tensor, after checking size and CRC32C; it is
@@ -99,7 +99,7 @@ def _read_verified(
     return buf
 
 
-def _tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def file_tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors of a safetensors file (views of ``buf``) and its metadata; the header is checked
     (``header.decode_header``) before any view is made from it."""
     if len(buf) < 8:
@@ -167,17 +167,17 @@ def _decode_file(
     """Decode one verified file into ``result`` (models, optimizers) or ``extra`` (its parts)."""
     if name.endswith(".weights.safetensors"):
         model = check_name(name[: -len(".weights.safetensors")], "model name")
-        tensors, meta = _tensors(buf, name)
+        tensors, meta = file_tensors(buf, name)
         result[model] = _decode_model(tensors, meta)
     elif name.endswith(".optim.safetensors"):
         model = check_name(name[: -len(".optim.safetensors")], "model name")
-        tensors, meta = _tensors(buf, name)
+        tensors, meta = file_tensors(buf, name)
         if "ckptd.optimizer" not in meta:
             raise IntegrityError(f"{name}: no optimizer state in its metadata")
         result["optimizers"][model] = unflatten(json.loads(meta["ckptd.optimizer"]), tensors)
     elif name == "extra.safetensors":
         # Small, and users hand them to APIs (Generator.set_state) that want own storage.
-        extra["tensors"] = {k: v.clone() for k, v in _tensors(buf, name)[0].items()}
+        extra["tensors"] = {k: v.clone() for k, v in file_tensors(buf, name)[0].items()}
     elif name == "extra.msgpack":
         extra["skeleton"] = _unpack_extra(bytes(buf.numpy()))
 
@@ -193,7 +193,7 @@ def _load_dir(
     result: dict[str, Any] = {"optimizers": {}}
     extra: dict[str, Any] = {"tensors": {}}
     for name, rec in manifest["files"].items():
-        buf = _read_verified(base, [*parts, name], rec, progress)
+        buf = read_verified(base, [*parts, name], rec, progress)
         try:
             _decode_file(name, buf, result, extra)
         except IntegrityError:
@@ -237,7 +237,7 @@ def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
 def _load_located(loc: Located, map_location: Any) -> dict[str, Any]:
     _refuse_sharded(loc.manifest, loc.url)
     total = sum(int(rec["size"]) for rec in loc.manifest["files"].values())
-    with _local_files(loc) as (base, parts), Progress(total, f"load {loc.url}@{loc.tag}") as p:
+    with local_files(loc) as (base, parts), Progress(total, f"load {loc.url}@{loc.tag}") as p:
         return _load_dir(base, parts, loc.manifest, map_location, p)
 
 
@@ -251,7 +251,7 @@ def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, 
     """
     found = _load_best([url], tag, map_location, fall_back=False)
     if found is None:
-        raise NotFoundError(f"no complete checkpoint in {_normalize(url)[0]}")
+        raise NotFoundError(f"no complete checkpoint in {normalize_url(url)[0]}")
     return found[1]
 
 

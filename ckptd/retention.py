@@ -161,10 +161,10 @@ def _metric(m: dict[str, Any], name: str) -> float | None:
 async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] | None = None,
                 dry_run: bool = False) -> Plan:  # fmt: skip
     """Apply ``policy`` to the run ``run`` of ``store``; returns what it did (or would do)."""
-    from .catalog import _list_manifests  # the one place that knows how to list a run
+    from .catalog import list_manifests  # the one place that knows how to list a run
 
     check_name(run, "run")
-    manifests = await _list_manifests(_Scoped(store, run))
+    manifests = await list_manifests(_Scoped(store, run))
     decided = plan(manifests, policy, protect or set())
     if dry_run:
         return decided

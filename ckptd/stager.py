@@ -20,7 +20,7 @@ from operator import attrgetter
 import torch
 
 from .arena import Slot
-from .fmt import TORCH_DTYPES, FilePlan, SavePlan, _pick
+from .fmt import TORCH_DTYPES, FilePlan, SavePlan, pick_in_order
 
 _IS_CPU = attrgetter("is_cpu")
 
@@ -71,7 +71,7 @@ class Stager:
         cuda_side: list[tuple[torch.Tensor, torch.Tensor]] = []
         for f in plan.files:
             index, views = _views(slot, f)
-            srcs = f.srcs if len(index) == len(f.srcs) else _pick(f.srcs, index)
+            srcs = f.srcs if len(index) == len(f.srcs) else pick_in_order(f.srcs, index)
             if all(map(_IS_CPU, srcs)):  # the common case, in one pass with no Python frame
                 cpu_dst.extend(views)
                 cpu_src.extend(srcs)
@@ -89,7 +89,7 @@ class Stager:
                     cpu_dst.append(dst)
                     cpu_src.append(src if src.is_cpu else src.cpu())
         if cpu_dst:
-            _copy_all(cpu_dst, cpu_src)
+            copy_all(cpu_dst, cpu_src)
         events: list[torch.cuda.Event] = []
         if cuda_now or cuda_side:
             device = (cuda_now or cuda_side)[0][1].device
@@ -140,7 +140,7 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """Copy ``src`` into ``dst``; thousands of small tensors are split across threads.
 
     A small tensor's copy is mostly per-call overhead in C++ that holds no lock, and

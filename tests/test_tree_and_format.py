@@ -254,8 +254,8 @@ def test_copy_of_many_small_tensors_is_split_and_exact(monkeypatch) -> None:  # 
     src = [torch.randn(7, requires_grad=True) for _ in range(3 * stager._PARALLEL_MIN + 5)]
     buf = torch.zeros(7 * len(src))
     dst = list(buf.view(len(src), 7).unbind())
-    stager._copy_all(dst, src)
+    stager.copy_all(dst, src)
     assert torch.equal(buf.view(len(src), 7), torch.stack([s.detach() for s in src]))
     assert not buf.requires_grad and all(d.grad_fn is None for d in dst)
     with pytest.raises(RuntimeError):  # a failure in any chunk reaches the caller
-        stager._copy_all(dst, [*src[:-1], torch.zeros(3, 3)])
+        stager.copy_all(dst, [*src[:-1], torch.zeros(3, 3)])
