@@ -20,25 +20,49 @@ tell a killed run from a live one, which is never taken over.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import enum
 import json
 import logging
 import os
-import platform
-import random
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import CkptdError, ConfigError, DaemonUnavailableError, NotFoundError, ProtocolError
 from .names import check_name
 from .protocol import MirrorReport, MirrorRequest
+from .records import (
+    config_tree,
+    env_info,
+    git_info,
+    plain,
+    seed_everything,
+    to_plain,
+    to_yaml,
+)
+from .runs import (
+    HEARTBEAT_S,
+    STALE_S,
+    SUPERSEDED,
+    FoundRun,
+    Resume,
+    iso_age,
+    lock_folder,
+    newest_step,
+    process_identity,
+    pull_records,
+    read_json,
+    resolved_status,
+    run_info,
+    run_url,
+    split_metrics,
+    store_records,
+    store_run_url,
+    valid_stamp,
+    writer_alive,
+)
 from .storage import is_local, join_key, local_path, open_store
 
 log = logging.getLogger("ckptd.experiment")
@@ -46,202 +70,18 @@ log = logging.getLogger("ckptd.experiment")
 RESULT_PARTS = ("results", "hyperparameters", "training_history", "predictions")
 """The parts ``save_results(separate_files=True)`` writes to a file each (others go too)."""
 
-_PACKAGES = (
-    "ckptd",
-    "torch",
-    "numpy",
-    "safetensors",
-    "omegaconf",
-    "hydra-core",
-    "pytorch-lightning",
-    "lightning",
-    "transformers",
-    "accelerate",
-    "datasets",
-    "PyYAML",
-    "watchdog",
-)
-_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID")
-_GIT_TIMEOUT = 10.0
-
-
-# ---- config ------------------------------------------------------------------------------------
-
-
-def to_plain(config: Any) -> Any:
-    """A dict, dataclass, OmegaConf/Hydra config or Namespace as plain YAML-able data."""
-    if config is None:
-        return {}
-    mod = type(config).__module__
-    if mod.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return _plain(OmegaConf.to_container(config, resolve=True, throw_on_missing=False))
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return _plain(dataclasses.asdict(config))
-    if hasattr(config, "model_dump"):  # pydantic v2
-        return _plain(config.model_dump())
-    if isinstance(config, Mapping):
-        return _plain(config)
-    if hasattr(config, "__dict__") and type(config).__name__ == "Namespace":
-        return _plain(vars(config))
-    raise ConfigError(
-        f"config must be a dict, a dataclass or an OmegaConf config, not {type(config).__name__}"
-    )
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple | set | frozenset):
-        return [_plain(v) for v in x]
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(dataclasses.asdict(x))
-    if isinstance(x, enum.Enum):
-        return _plain(x.value)
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    item = getattr(x, "item", None)  # numpy and 0-d torch scalars
-    if callable(item) and getattr(x, "ndim", 1) == 0:
-        return item()
-    tolist = getattr(x, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    return str(x)  # paths, dtypes, devices: readable, and never a pickle
-
-
-def config_tree(config: Any, indent: str = "") -> str:
-    """A readable tree of a plain config (what ``config_tree.txt`` holds)."""
-    lines: list[str] = []
-
-    def walk(x: Any, prefix: str) -> None:
-        items = list(x.items()) if isinstance(x, dict) else list(enumerate(x))
-        for i, (k, v) in enumerate(items):
-            last = i == len(items) - 1
-            branch, cont = ("└── ", "    ") if last else ("├── ", "│   ")
-            if isinstance(v, dict | list) and v:
-                lines.append(f"{prefix}{branch}{k}")
-                walk(v, prefix + cont)
-            else:
-                lines.append(f"{prefix}{branch}{k}: {json.dumps(v)}")
-
-    if isinstance(config, dict | list) and config:
-        lines.append("config")
-        walk(config, indent)
-    else:
-        lines.append(f"config: {json.dumps(config)}")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml(data: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-
-
-# ---- git and environment ----------------------------------------------------------------------
-
-
-def _git(cwd: str, *args: str) -> str:
-    out = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=_GIT_TIMEOUT, check=True
-    )
-    return out.stdout
-
-
-def git_info(cwd: str) -> tuple[dict[str, Any], str | None]:
-    """``git.json`` content and the uncommitted diff (None when clean or unavailable)."""
-    try:
-        top = _git(cwd, "rev-parse", "--show-toplevel").strip()
-    except FileNotFoundError:
-        return {"available": False, "reason": "git is not installed"}, None
-    except subprocess.CalledProcessError as e:
-        return {"available": False, "reason": (e.stderr or "not a git repository").strip()}, None
-    except (subprocess.TimeoutExpired, OSError) as e:
-        return {"available": False, "reason": f"git failed: {e}"}, None
-    info: dict[str, Any] = {"available": True, "root": top}
-
-    def opt(*args: str) -> str | None:
-        try:
-            return _git(top, *args).strip() or None
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            return None
-
-    info["commit"] = opt("rev-parse", "HEAD")  # None in a repo without commits
-    branch = opt("rev-parse", "--abbrev-ref", "HEAD")
-    info["branch"] = None if branch == "HEAD" else branch  # detached HEAD has no branch
-    remotes = (opt("remote") or "").split()
-    remote = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
-    info["remote"] = opt("remote", "get-url", remote) if remote else None
-    status = opt("status", "--porcelain", "--untracked-files=no") or ""
-    info["dirty"] = bool(status)
-    untracked = opt("ls-files", "--others", "--exclude-standard") or ""
-    info["untracked_files"] = len(untracked.splitlines())
-    diff = opt("diff", "HEAD", "--binary") if info["commit"] else opt("diff", "--cached")
-    info["diff_file"] = "git.diff" if diff else None
-    return info, (diff + "\n") if diff else None
-
-
-def env_info(seed: int | None) -> dict[str, Any]:
-    """What ran the experiment: interpreter, torch and CUDA, package versions, host, command."""
-    import torch
-
-    versions: dict[str, str] = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "version": torch.version.cuda}
-    if cuda["available"]:
-        cuda["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        cuda["cudnn"] = torch.backends.cudnn.version()
-    return {
-        "python": sys.version,
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "cwd": os.getcwd(),
-        "argv": list(sys.argv),
-        "torch": torch.__version__,
-        "cuda": cuda,
-        "packages": versions,
-        "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
-        "seed": seed,
-    }
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all CUDA devices too)."""
-    import torch
-
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)
-
-
 # ---- files -------------------------------------------------------------------------------------
 
 
 def _atomic_write(path: str, text: str) -> None:
-    """Temp file + rename: the mirror sees a complete file (the rename), never a torn one."""
+    """Temp file + rename (``ckptd.atomic``): the mirror sees a complete file, never a torn one,
+    and skips the temporary name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _json(data: Any) -> str:
-    return json.dumps(_plain(data), indent=1, allow_nan=True) + "\n"
+    return json.dumps(plain(data), indent=1, allow_nan=True) + "\n"
 
 
 def _scalar(value: Any) -> Any:
@@ -255,253 +95,6 @@ def _scalar(value: Any) -> Any:
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"metric value must be a scalar, got {value!r}") from e
     raise ConfigError(f"metric value must be a number or a scalar tensor, not {type(value)}")
-
-
-# ---- resuming ----------------------------------------------------------------------------------
-
-
-class Resume(enum.StrEnum):
-    """What ``Experiment(resume=...)`` does with earlier runs of the same project/name."""
-
-    AUTO = "auto"
-    """Continue the newest run that is not ``finished`` and has no live writer; else a new run."""
-    NEVER = "never"
-    """Always start a new run."""
-
-
-_HEARTBEAT_S = 30.0  # run.json's heartbeat is refreshed by flush() at most this often
-_STALE_S = 600.0  # another host's "running" run silent this long reads "interrupted"
-_SUPERSEDED = "metrics.superseded.jsonl"
-
-
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _process_identity(pid: int) -> str | None:
-    """Boot id + the process's start time: a pid reused after a crash or a reboot differs."""
-    boot = _boot_id()
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return f"{boot}/{fields[19]}" if boot and len(fields) > 19 else None
-
-
-def _writer_alive(record: Mapping[str, Any]) -> bool | None:
-    """Whether the process that wrote ``record`` still runs; None when it ran on another host."""
-    if record.get("host") != socket.gethostname():
-        return None
-    pid = record.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    ident = record.get("process")
-    if ident and _boot_id() is not None:
-        return _process_identity(pid) == ident
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def _iso_age(stamp: Any) -> float | None:
-    try:
-        return time.time() - _dt.datetime.fromisoformat(str(stamp)).timestamp()
-    except ValueError:
-        return None
-
-
-def resolved_status(record: Mapping[str, Any], *, locked: bool = False) -> str:
-    """``run.json``'s status as it stands: a ``running`` run whose writer is gone reads
-    ``interrupted`` (same host: its process is gone; another host: no heartbeat for
-    ``_STALE_S``). ``locked``: a process on this host holds the folder's lock."""
-    status = str(record.get("status", "running"))
-    if status != "running" or locked:
-        return status
-    alive = _writer_alive(record)
-    if alive is None:
-        age = _iso_age(record.get("heartbeat") or record.get("attempt_started"))
-        return "interrupted" if age is None or age > _STALE_S else "running"
-    return "running" if alive else "interrupted"
-
-
-def _lock(path: str, exclusive: bool) -> int | None:
-    """flock the folder for this process's lifetime (the kernel drops it when the process
-    dies, SIGKILL included); None when another process holds it."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _locked_by_other(path: str) -> bool:
-    """Whether a run continued by ``resume="auto"`` holds the folder (a shared probe, so that
-    looking never makes a process that is taking the run fail to)."""
-    if not os.path.isdir(path):
-        return False
-    fd = _lock(path, exclusive=False)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _valid_stamp(stamp: str) -> bool:
-    """A run's last part as ``check_name`` allows it: anything else (``..``, ``.ckptd``, a
-    stray file) is no run of ours, and must never become a path."""
-    try:
-        check_name(stamp, "run")
-    except ConfigError:
-        return False
-    return "/" not in stamp
-
-
-def _store_run_url(store: str, run: str) -> str:
-    return join_key(store, run) if "://" in store else os.path.join(store, run)
-
-
-@dataclasses.dataclass(slots=True)
-class _Found:
-    """An earlier run of this project/name: its record, and whether it is on this disk."""
-
-    stamp: str
-    record: dict[str, Any]
-    local: bool
-
-
-def _store_records(store: str, prefix: str, stamp: str | None) -> dict[str, dict[str, Any]]:
-    """``run.json`` of each run under ``<store>/<prefix>/`` (or of the one run ``stamp``)."""
-    from .catalog import run_sync
-
-    async def go() -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        async with open_store(store) as st:
-            if stamp is not None:
-                keys = [join_key(prefix, stamp, "experiment", "run.json")]
-            else:
-                keys = [
-                    o.key
-                    for o in await st.list(prefix + "/")
-                    if o.key.count("/") == prefix.count("/") + 3
-                    and o.key.endswith("/experiment/run.json")
-                ]
-            for key in keys:
-                try:
-                    data = json.loads(await st.get_bytes(key))
-                except (NotFoundError, ValueError):
-                    continue
-                if isinstance(data, dict):
-                    out[key[len(prefix) + 1 :].split("/", 1)[0]] = data
-        return out
-
-    return run_sync(go())
-
-
-def _pull_records(store: str, run: str, dest: str) -> int:
-    """Copy ``<store>/<run>/experiment/`` into ``dest`` (each file via temp + rename, so the
-    mirror never uploads a torn one); returns how many files."""
-    from .catalog import run_sync
-
-    prefix = join_key(run, "experiment") + "/"
-
-    async def go() -> int:
-        async with open_store(store) as st:
-            objs = await st.list(prefix)
-            for o in objs:
-                rel = o.key[len(prefix) :]
-                if any(p in ("", ".", "..") for p in rel.split("/")):
-                    continue  # never write outside dest
-                path = os.path.join(dest, *rel.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                await st.get_file(o.key, tmp, size=o.size)
-                os.replace(tmp, path)
-        return len(objs)
-
-    return run_sync(go())
-
-
-def _newest_step(urls: list[str]) -> int | None:
-    """The highest step of the committed checkpoints in any of ``urls`` (None: no checkpoint)."""
-    from .catalog import list_checkpoints
-
-    best: int | None = None
-    for url in urls:
-        try:
-            manifests = list_checkpoints(url)
-        except (CkptdError, OSError) as e:
-            log.debug("no checkpoints in %s: %s", url, e)
-            continue
-        for m in manifests:
-            step = m.get("step")
-            if isinstance(step, int) and (best is None or step > best):
-                best = step
-    return best
-
-
-def _split_metrics(lines: list[str], step: int) -> tuple[list[str], list[str]]:
-    """(kept, dropped): lines with a step after ``step`` are dropped, and torn lines too."""
-    kept, dropped = [], []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
-        s = row.get("step") if isinstance(row, dict) else None
-        (dropped if isinstance(s, int | float) and s > step else kept).append(line)
-    return kept, dropped
-
-
-def run_info(url: str) -> dict[str, Any]:
-    """The ``run.json`` of the run at ``url`` (a store URL or a local run folder), with
-    ``status`` as it stands: ``running``, ``finished``, ``failed`` or ``interrupted`` (a run
-    whose writer is gone; see ``resolved_status``). The recorded value is ``recorded_status``."""
-    from .catalog import run_sync
-
-    base = _run_url(url)
-    if is_local(base):
-        path = local_path(base)
-        for folder in (os.path.join(path, "experiment"), path):  # store or base_dir layout
-            record = _read_json(os.path.join(folder, "run.json"))
-            if record is not None:
-                locked = _locked_by_other(folder)
-                return {**record, "recorded_status": record.get("status"),
-                        "status": resolved_status(record, locked=locked)}  # fmt: skip
-        raise NotFoundError(f"{base} has no experiment/run.json")
-
-    async def go() -> bytes:
-        async with open_store(base) as store:
-            return await store.get_bytes(join_key("experiment", "run.json"))
-
-    try:
-        record = json.loads(run_sync(go()))
-    except NotFoundError as e:
-        raise NotFoundError(f"{base} has no experiment/run.json") from e
-    except ValueError as e:
-        raise CkptdError(f"{base}: run.json is unreadable: {e}") from e
-    return {**record, "recorded_status": record.get("status"), "status": resolved_status(record)}
 
 
 # ---- the experiment ----------------------------------------------------------------------------
@@ -622,7 +215,7 @@ class Experiment:
         self.config = to_plain(config)
         if self.resumed:
             self._warn_if_config_changed()
-        self._write("config_resolved.yaml", _yaml(self.config))
+        self._write("config_resolved.yaml", to_yaml(self.config))
         self._write("config_tree.txt", config_tree(self.config))
         git, diff = git_info(git_dir or os.getcwd())
         self.git = git
@@ -643,7 +236,7 @@ class Experiment:
         # metrics.jsonl's bytes before this offset are earlier attempts' (rewind's to drop).
         self._own_from = os.path.getsize(metrics) if os.path.exists(metrics) else 0
         if self.resumed and self._ckpt is not None:
-            step = _newest_step(self._checkpoint_urls())
+            step = newest_step(self._checkpoint_urls())
             self.rewind(-1 if step is None else step)
         self._metrics = open(  # noqa: SIM115 - open for the whole run, closed by finish()
             metrics, "a", buffering=1, encoding="utf-8"
@@ -724,25 +317,25 @@ class Experiment:
             return None
         return store
 
-    def _earlier_runs(self, stamp: str | None) -> list[_Found]:
+    def _earlier_runs(self, stamp: str | None) -> list[FoundRun]:
         """Earlier runs of this project/name (or the one ``stamp``), newest first."""
-        found: dict[str, _Found] = {}
+        found: dict[str, FoundRun] = {}
         store = self._remote_store()
         if store:
             try:
-                records = _store_records(store, f"{self.project}/{self.name}", stamp)
+                records = store_records(store, f"{self.project}/{self.name}", stamp)
             except CkptdError as e:
                 log.warning("cannot look for earlier runs in %s: %s", store, e)
                 records = {}
             for s, rec in records.items():
-                found[s] = _Found(s, rec, local=False)
+                found[s] = FoundRun(s, rec, local=False)
         base = os.path.join(self._root, self.project, self.name)
         stamps = [stamp] if stamp is not None else (os.listdir(base) if os.path.isdir(base) else [])
-        for s in filter(_valid_stamp, stamps):
-            rec = _read_json(os.path.join(self._folder(s), "run.json"))
+        for s in filter(valid_stamp, stamps):
+            rec = read_json(os.path.join(self._folder(s), "run.json"))
             if rec is not None:
-                found[s] = _Found(s, rec, local=True)  # this disk's copy is the freshest
-        runs = [f for f in found.values() if _valid_stamp(f.stamp)]
+                found[s] = FoundRun(s, rec, local=True)  # this disk's copy is the freshest
+        runs = [f for f in found.values() if valid_stamp(f.stamp)]
         return sorted(runs, key=lambda f: (str(f.record.get("started", "")), f.stamp), reverse=True)
 
     def _open_folder(
@@ -759,46 +352,46 @@ class Experiment:
                 )
             self.dir, self._stamp = self._folder(ts), ts
             os.makedirs(self.dir, exist_ok=True)
-            self._lock_fd = _lock(self.dir, exclusive=False)
+            self._lock_fd = lock_folder(self.dir, exclusive=False)
             if self._lock_fd is None:
                 raise ConfigError(f"run {self.project}/{self.name}/{ts} is being continued by "
                                   "another process on this host")  # fmt: skip
             live = found is not None and found.record.get("status") == "running"
-            if found is None or mode is Resume.NEVER or (live and _writer_alive(found.record)):
+            if found is None or mode is Resume.NEVER or (live and writer_alive(found.record)):
                 return None  # new, not to be continued, or another rank writes it now: join it
             return self._continue(found)
         if mode is Resume.AUTO:
             for found in self._earlier_runs(None):
                 if found.record.get("status") == "finished":
                     continue
-                if found.record.get("status") == "running" and _writer_alive(found.record):
+                if found.record.get("status") == "running" and writer_alive(found.record):
                     continue  # one writer per run
                 folder = self._folder(found.stamp)
                 os.makedirs(folder, exist_ok=True)
-                fd = _lock(folder, exclusive=True)
+                fd = lock_folder(folder, exclusive=True)
                 if fd is None:
                     continue  # another process on this host writes it
                 self._lock_fd, self.dir, self._stamp = fd, folder, found.stamp
                 return self._continue(found)
         self.dir, self._stamp = self._make_dir(self._root, self.project, self.name, ts,
                                                self._layout_suffix)  # fmt: skip
-        self._lock_fd = _lock(self.dir, exclusive=True)
+        self._lock_fd = lock_folder(self.dir, exclusive=True)
         return None
 
-    def _continue(self, found: _Found) -> dict[str, Any]:
+    def _continue(self, found: FoundRun) -> dict[str, Any]:
         """Make the folder hold the run's records (pulled from the store on a fresh machine)."""
         record = found.record
         if not found.local:
             store = self._remote_store()
             assert store is not None
-            n = _pull_records(store, f"{self.project}/{self.name}/{found.stamp}", self.dir)
+            n = pull_records(store, f"{self.project}/{self.name}/{found.stamp}", self.dir)
             log.info("pulled %d records of %s from %s", n, found.stamp, store)
-            record = _read_json(os.path.join(self.dir, "run.json")) or record
+            record = read_json(os.path.join(self.dir, "run.json")) or record
         status = resolved_status(record)
         if status == "running":  # on another host, by definition no longer
             status = "interrupted"
-            age = _iso_age(record.get("heartbeat"))
-            if age is not None and age < _STALE_S:
+            age = iso_age(record.get("heartbeat"))
+            if age is not None and age < STALE_S:
                 log.warning("run %s/%s/%s was alive on %s %.0f s ago; continuing it here "
                             "(resume='never' starts a new run instead)", self.project, self.name,
                             found.stamp, record.get("host"), age)  # fmt: skip
@@ -829,7 +422,7 @@ class Experiment:
     def _checkpoint_urls(self) -> list[str]:
         urls = [os.path.join(self._ckpt.daemon_info.get("root") or "", self.run)]
         if store := self._store():
-            urls.append(_store_run_url(store, self.run))
+            urls.append(store_run_url(store, self.run))
         return urls
 
     @staticmethod
@@ -896,11 +489,11 @@ class Experiment:
         except FileNotFoundError:
             return 0
         old = data[: self._own_from].decode("utf-8", errors="replace").splitlines(keepends=True)
-        kept, dropped = _split_metrics(old, step)
+        kept, dropped = split_metrics(old, step)
         if not dropped and len(kept) == len(old):
             return 0
         if dropped:
-            with open(self.path(_SUPERSEDED), "a", encoding="utf-8") as f:
+            with open(self.path(SUPERSEDED), "a", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
         kept = [line if line.endswith("\n") else line + "\n" for line in kept]
         head = "".join(kept)
@@ -965,7 +558,7 @@ class Experiment:
             "attempt_started": started,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "process": _process_identity(os.getpid()),
+            "process": process_identity(os.getpid()),
             "heartbeat": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(),
             "git_commit": self.git.get("commit"),
             "store": self._store(),
@@ -1030,7 +623,7 @@ class Experiment:
         """End the current update: flush the metrics to the OS and advance the default step."""
         if not self._metrics.closed:
             self._metrics.flush()
-            if time.time() - self._beat >= _HEARTBEAT_S:
+            if time.time() - self._beat >= HEARTBEAT_S:
                 self._write_run("running")
         self._update += 1
 
@@ -1173,18 +766,11 @@ class Experiment:
 # ---- reading records back ----------------------------------------------------------------------
 
 
-def _run_url(url: str) -> str:
-    from .catalog import normalize_url, split_tag
-
-    base, _ = normalize_url(split_tag(url)[0])
-    return base
-
-
 def list_records(url: str) -> list[tuple[str, int]]:
     """The experiment records of the run at ``url``: (key under ``experiment/``, size)."""
     from .catalog import run_sync
 
-    base = _run_url(url)
+    base = run_url(url)
 
     async def go() -> list[tuple[str, int]]:
         async with open_store(base) as store:
@@ -1201,7 +787,7 @@ def load_config(url: str) -> dict[str, Any]:
 
     from .catalog import run_sync
 
-    base = _run_url(url)
+    base = run_url(url)
 
     async def go() -> bytes:
         async with open_store(base) as store:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..atomic import temp_name
 from ..errors import ConfigError, SaveError
 from ._common import existing_tags, newest, raise_failed, run_urls
 
@@ -195,7 +196,7 @@ def resume_checkpoint(
         )
     step = int(trainer_state.get("global_step", state["meta"].get("step", 0)))
     folder = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = f"{folder}.ckptd-{os.getpid()}.tmp"
+    tmp = temp_name(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     _write_weights(state["model"], os.path.join(tmp, _WEIGHTS))

@@ -31,6 +31,8 @@ import queue
 import threading
 from typing import Any
 
+from ..atomic import write_atomic
+
 try:
     import lightning.pytorch as pl
     from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -162,10 +164,7 @@ class CkptdCheckpointIO(CheckpointIO):
             "urls": run_urls(self.checkpointer),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stub, f)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(stub).encode())
         previous = self._stubs.get(path)
         self._stubs[path] = tag
         if previous is not None and previous != tag:

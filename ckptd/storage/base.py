@@ -19,6 +19,7 @@ from typing import Any
 
 import crc32c as _crc32c
 
+from ..atomic import temp_name, write_atomic
 from ..errors import IntegrityError, TransientStorageError
 
 ProgressFn = Callable[[int], None]
@@ -175,12 +176,7 @@ def load_journal(path: str) -> dict[str, Any] | None:
 def save_journal(path: str, state: dict[str, Any]) -> None:
     """Write the upload journal atomically (temp file, fsync, rename): a crash mid-write keeps
     the previous version, never a torn one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, separators=(",", ":"), sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(state, separators=(",", ":"), sort_keys=True).encode())
 
 
 def remove_journal(path: str | None) -> None:
@@ -216,7 +212,7 @@ async def download_ranges(
 ) -> None:
     """Fetch ``[0, total)`` in ranges, several at once, ``pwrite`` each into a temporary file
     beside ``path``, fsync and rename: a failed download never leaves a torn file at ``path``."""
-    tmp = f"{path}.partial-{os.getpid()}"
+    tmp = temp_name(path)
     fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         await asyncio.to_thread(os.ftruncate, fd, total)
