@@ -280,3 +280,47 @@ async def test_records_go_through_the_upload_queue_and_errors_reach_the_mirror(t
         worker.cancel()
         for t in tasks:
             t.cancel()
+
+
+async def test_a_failed_file_cancels_its_siblings_before_anything_is_retried(
+    tmp_path, memstore
+) -> None:  # type: ignore[no-untyped-def]
+    """Before: asyncio.gather let the siblings of a failed file keep uploading while the retry
+    started the same keys again, both writing one journal."""
+    from ckptd.daemon.upload import upload_checkpoint
+
+    class Hanging(FaultyStore):
+        cancelled: list[str] = []
+
+        async def put_file(self, key: str, path: str, **kw: Any) -> None:  # type: ignore[override]
+            if key.endswith("extra.msgpack"):
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    self.cancelled.append(key)
+                    raise
+            await super().put_file(key, path, **kw)
+
+    store = Hanging(memstore)
+    store.fail["model.weights.safetensors"] = [PermanentStorageError("403")]
+    _, clients, jobs, writes, _, _ = _stages(str(tmp_path), memstore)
+    await _committed_local(tmp_path, clients, jobs, writes, memstore, "t1")
+
+    async def once(fn: Any, *, what: str) -> Any:
+        return await fn()
+
+    with pytest.raises(PermanentStorageError):
+        await asyncio.wait_for(
+            upload_checkpoint(
+                store,
+                str(tmp_path),
+                "r",
+                "t1",
+                file_concurrency=4,
+                progress=lambda n: None,
+                with_retries=once,
+            ),
+            10,
+        )
+    assert store.cancelled == ["r/checkpoints/t1/extra.msgpack"]
+    assert not await store.list("r/checkpoints/t1/MANIFEST.json")
