@@ -641,7 +641,16 @@ class Checkpointer:
         return self._resumed(meta)
 
     def _resumed(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
-        if meta is not None and isinstance(step := meta.get("step"), int):
+        """The one resume contract's meta: ``step``, ``epoch``, ``sample`` and ``metrics`` at
+        the top, whatever the manifest nests them in."""
+        if meta is None:
+            return None
+        progress = meta.get("training_iteration")
+        progress = progress if isinstance(progress, dict) else {}
+        meta.setdefault("epoch", progress.get("epoch"))
+        meta.setdefault("sample", progress.get("sample"))
+        meta.setdefault("metrics", {})
+        if isinstance(step := meta.get("step"), int):
             self.resumed_step = step
         return meta
 

@@ -291,10 +291,14 @@ def assemble_parts(
 def commit(partial: str, manifest: dict[str, Any]) -> str:
     """Steps 2-3: rename the partial directory into place and write the manifest last."""
     final = partial[: -len(".partial")]
-    fsync_dir(partial)
-    os.rename(partial, final)
-    fsync_dir(os.path.dirname(final))
     try:
+        fsync_dir(partial)
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        fsync_dir(os.path.dirname(final))
         write_atomic(os.path.join(final, "MANIFEST.json"), json.dumps(manifest, indent=1).encode())
     except BaseException:  # e.g. the disk filled: leave nothing that looks like a checkpoint
         shutil.rmtree(final, ignore_errors=True)

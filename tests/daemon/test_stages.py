@@ -324,3 +324,22 @@ async def test_a_failed_file_cancels_its_siblings_before_anything_is_retried(
         )
     assert store.cancelled == ["r/checkpoints/t1/extra.msgpack"]
     assert not await store.list("r/checkpoints/t1/MANIFEST.json")
+
+
+async def test_a_committed_file_that_no_longer_matches_fails_once_not_forever(
+    tmp_path, memstore
+) -> None:  # type: ignore[no-untyped-def]
+    """Before: a CRC mismatch of a committed file was retried forever and drain never ended."""
+    _, clients, jobs, writes, uploads, _ = _stages(str(tmp_path), memstore)
+    job = await _committed_local(tmp_path, clients, jobs, writes, memstore, "t1")
+    path = tmp_path / "r" / "checkpoints" / "t1" / "model.weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    worker = asyncio.ensure_future(uploads.worker())
+    try:
+        await asyncio.wait_for(jobs.settle(None), 30)
+    finally:
+        worker.cancel()
+    assert job.state == JobState.FAILED and job.retries == 0
+    assert "changed" in (job.error or "") or "crc" in (job.error or "").lower()
