@@ -33,9 +33,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o666) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o666, *, sync_dir: bool = True) -> None:
     """Temp name, fsync, rename, fsync the directory; a failure leaves no temp file behind.
-    ``mode`` is filtered by the umask (the daemon's is owner-only by default)."""
+    ``mode`` is filtered by the umask (the daemon's is owner-only by default). ``sync_dir=False``
+    skips the directory fsync for files that are only a hint after a crash (upload journals,
+    written once per part: a lost rename only means starting that upload over)."""
     tmp = temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
@@ -52,4 +54,5 @@ def write_atomic(path: str, data: bytes, mode: int = 0o666) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(os.path.dirname(path) or ".")
+    if sync_dir:
+        fsync_dir(os.path.dirname(path) or ".")

@@ -176,7 +176,9 @@ def load_journal(path: str) -> dict[str, Any] | None:
 def save_journal(path: str, state: dict[str, Any]) -> None:
     """Write the upload journal atomically (temp file, fsync, rename): a crash mid-write keeps
     the previous version, never a torn one."""
-    write_atomic(path, json.dumps(state, separators=(",", ":"), sort_keys=True).encode())
+    write_atomic(
+        path, json.dumps(state, separators=(",", ":"), sort_keys=True).encode(), sync_dir=False
+    )
 
 
 def remove_journal(path: str | None) -> None:
