@@ -641,15 +641,15 @@ class Checkpointer:
         return self._resumed(meta)
 
     def _resumed(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The one resume contract's meta: ``step``, ``epoch``, ``sample`` and ``metrics`` at
-        the top, whatever the manifest nests them in."""
+        """The one resume contract's meta: ``step``, ``epoch`` and ``sample`` at the top (and
+        ``metrics`` where the save recorded them), whatever the manifest nests them in."""
         if meta is None:
             return None
         progress = meta.get("training_iteration")
         progress = progress if isinstance(progress, dict) else {}
-        meta.setdefault("epoch", progress.get("epoch"))
-        meta.setdefault("sample", progress.get("sample"))
-        meta.setdefault("metrics", {})
+        for key in ("epoch", "sample"):
+            if meta.get(key) is None and progress.get(key) is not None:
+                meta[key] = progress[key]
         if isinstance(step := meta.get("step"), int):
             self.resumed_step = step
         return meta

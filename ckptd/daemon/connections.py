@@ -52,6 +52,7 @@ class Client:
         self.send_lock = asyncio.Lock()
         self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=OUTBOX)
         self.sender: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[None] | None = None
         self.buffered = 0  # bytes of unfinished incoming frames
         self.slots: dict[int, tuple[int, int, int]] = {}  # index -> (fd, size, generation)
         self.run: str | None = None
@@ -210,7 +211,7 @@ class ClientServer:
             self._next_id += 1
             self.clients[client.id] = client
             client.sender = self._spawn(self._sender(client))
-            self._spawn(self._serve(client))
+            client.reader = self._spawn(self._serve(client))
 
     # ---- one client --------------------------------------------------------------------------
 
@@ -243,7 +244,8 @@ class ClientServer:
                 try:
                     await fut
                 finally:
-                    loop.remove_reader(sock.fileno())
+                    if sock.fileno() != -1:  # drop() may have closed it meanwhile
+                        loop.remove_reader(sock.fileno())
                 continue
             if flags & socket.MSG_CTRUNC:
                 for fd in fds:
@@ -307,10 +309,17 @@ class ClientServer:
         if not client.alive:
             return
         client.alive = False
-        if client.sender is not None and client.sender is not asyncio.current_task():
-            client.sender.cancel()
+        current = asyncio.current_task()
+        for task in (client.sender, client.reader):
+            if task is not None and task is not current:
+                task.cancel()
         self._on_drop(client)
         self.clients.pop(client.id, None)
         client.close_fds()
+        # Unregister before closing: a closed fd's number is soon another client's, and a stale
+        # registration would then hand that client's readiness to this one's dead reader.
+        if (fd := client.sock.fileno()) != -1:
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                asyncio.get_running_loop().remove_reader(fd)
         with contextlib.suppress(OSError):
             client.sock.close()
