@@ -14,6 +14,7 @@
     └── StorageError            an object store operation failed
         ├── TransientStorageError   worth retrying: 5xx, throttling, timeouts, resets
         └── PermanentStorageError   retrying will not help: 403, no bucket, bad credentials
+            └── CredentialsError    no credentials found, or the store rejected them
 
 Retry decisions look at the type alone. Errors from the layers below (botocore, aiohttp, OSError)
 are translated at one boundary per backend.
@@ -74,10 +75,15 @@ class PermanentStorageError(StorageError):
     """A storage failure that retrying will not fix (access denied, no such bucket)."""
 
 
+class CredentialsError(PermanentStorageError):
+    """No credentials were found for the store, or the store rejected the ones it was given."""
+
+
 __all__ = [
     "AlreadyExistsError",
     "CkptdError",
     "ConfigError",
+    "CredentialsError",
     "DaemonUnavailableError",
     "IntegrityError",
     "NotFoundError",

@@ -39,6 +39,7 @@ from gcloud.aio.storage.storage import SCOPES, init_api_root
 from ..errors import (
     AlreadyExistsError,
     ConfigError,
+    CredentialsError,
     IntegrityError,
     NotFoundError,
     PermanentStorageError,
@@ -98,6 +99,11 @@ def _status_error(status: int, text: str) -> BaseException:
     if status == 400 and "crc32c" in text.lower():
         return IntegrityError(text)
     return PermanentStorageError(text)
+
+
+class _NoToken(TransientStorageError):
+    """No access token could be had: transient for a request, but at the start-up probe of a
+    real GCS endpoint it means there are no usable credentials."""
 
 
 @contextlib.contextmanager
@@ -191,8 +197,11 @@ class GCSStore(Store):
         self._get_storage()
         if self._token is None:
             return {}
-        with _errors("getting a GCP access token"):
-            token = await self._token.get()
+        try:
+            with _errors("getting a GCP access token"):
+                token = await self._token.get()
+        except TransientStorageError as e:
+            raise _NoToken(str(e)) from e
         return {"Authorization": f"Bearer {token}"}
 
     def _count_retry(self, attempt: int, exc: BaseException) -> None:
@@ -222,14 +231,14 @@ class GCSStore(Store):
                 )
         except NotFoundError as e:
             raise PermanentStorageError(f"{where} does not exist") from e
-        except TransientStorageError as e:
-            if "access token" in str(e) and not self._is_emulator:
-                raise PermanentStorageError(f"{NO_CREDENTIALS} ({e})") from e
-            raise
+        except _NoToken as e:
+            if self._is_emulator:
+                raise
+            raise CredentialsError(f"{NO_CREDENTIALS} ({e})") from e
         except PermanentStorageError as e:
             raise PermanentStorageError(f"access denied to {where}: {e}") from e
         except (ValueError, RuntimeError) as e:  # gcloud-aio-auth: unusable credentials file
-            raise PermanentStorageError(f"{NO_CREDENTIALS} ({e})") from e
+            raise CredentialsError(f"{NO_CREDENTIALS} ({e})") from e
 
     # -- small objects -------------------------------------------------------------------------
 

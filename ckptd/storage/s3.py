@@ -43,6 +43,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from ..errors import (
     AlreadyExistsError,
     ConfigError,
+    CredentialsError,
     IntegrityError,
     NotFoundError,
     PermanentStorageError,
@@ -126,10 +127,10 @@ def _translate(e: BaseException, what: str) -> BaseException | None:
         if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
             return TransientStorageError(text)
         if code in _CREDENTIAL_CODES:
-            return PermanentStorageError(f"{text} (the AWS credentials were rejected)")
+            return CredentialsError(f"{text} (the AWS credentials were rejected)")
         return PermanentStorageError(text)
     if isinstance(e, NoCredentialsError | PartialCredentialsError):
-        return PermanentStorageError(f"{what}: {NO_CREDENTIALS}")
+        return CredentialsError(f"{what}: {NO_CREDENTIALS}")
     if isinstance(e, HTTPClientError | BotoConnectionError | aiohttp.ClientError | OSError):
         return TransientStorageError(f"{what}: {type(e).__name__}: {e}")
     if isinstance(e, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
@@ -265,13 +266,11 @@ class S3Store(Store):
             await self._call("head_bucket", f"checking {where}", Bucket=self.bucket)
         except NotFoundError as e:
             raise PermanentStorageError(f"{where} does not exist") from e
+        except CredentialsError as e:
+            if isinstance(e.__cause__, NoCredentialsError | PartialCredentialsError):
+                raise CredentialsError(NO_CREDENTIALS) from e
+            raise CredentialsError(f"the AWS credentials were rejected by {where}: {e}") from e
         except PermanentStorageError as e:
-            if NO_CREDENTIALS in str(e):
-                raise PermanentStorageError(NO_CREDENTIALS) from e
-            if "rejected" in str(e):
-                raise PermanentStorageError(
-                    f"the AWS credentials were rejected by {where}: {e}"
-                ) from e
             raise PermanentStorageError(f"access denied to {where}: {e}") from e
 
     # -- small objects -------------------------------------------------------------------------

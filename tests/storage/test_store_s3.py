@@ -10,7 +10,12 @@ import boto3
 import crc32c
 import pytest
 
-from ckptd.errors import IntegrityError, PermanentStorageError, TransientStorageError
+from ckptd.errors import (
+    CredentialsError,
+    IntegrityError,
+    PermanentStorageError,
+    TransientStorageError,
+)
 from ckptd.storage.base import crc32c_combine
 from ckptd.storage.s3 import NO_CREDENTIALS, S3Store
 from tests.faultproxy import FaultProxy
@@ -214,7 +219,7 @@ async def test_check_access(s3_bucket: str, monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.path.join(tmp_path, "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", os.path.join(tmp_path, "none"))
     nocreds = _store(s3_bucket)
-    with pytest.raises(PermanentStorageError) as info:
+    with pytest.raises(CredentialsError) as info:
         await nocreds.check_access()
     assert str(info.value) == NO_CREDENTIALS
     await nocreds.close()
