@@ -1,29 +1,5 @@
-"""``torch.distributed.checkpoint`` (DCP) with ckptd as its storage: sharded state, many ranks.
-
-DCP keeps its planning, deduplication of replicated state and resharding; ckptd supplies the
-storage path. Each rank's part goes through its node's daemon the way ``Checkpointer.save`` does
-(copied into a shared-memory slot, written and uploaded by the daemon), and the checkpoint is
-committed once, by the coordinating rank, after every part is confirmed::
-
-    writer = ckptd.dcp.Writer(run="llm", store="s3://bucket/ckpts")
-    dcp.async_save(state, checkpoint_id="step-100", storage_writer=writer)   # or dcp.save
-    dcp.load(state, checkpoint_id="step-100", storage_reader=ckptd.dcp.Reader(run="llm",
-             store="s3://bucket/ckpts"))
-
-Layout of a sharded checkpoint, ``<store>/<run>/checkpoints/<tag>/``:
-  ``shard-<rank>-of-<world>.safetensors``  what that rank wrote: tensor chunks under
-      ``<fqn>`` (a whole tensor) or ``<fqn>@<offsets>`` (a shard); DCP's non-tensor values
-      (``torch.save`` bytes) base64 in ``__metadata__["ckptd.dcp.bytes"]``.
-  ``dcp-metadata.json``  DCP's global ``Metadata`` as JSON (DCP's own is a pickle).
-  ``MANIFEST.json``      written last, with ``"kind": "dcp"``: the global commit.
-
-Commit rule: a rank's ``write_data`` returns only after its daemon reports the part committed
-(the store is the daemon's root) or uploaded (any other store). DCP gathers every rank's results to
-the coordinator, which asks its daemon to check that every part is in place and to write the
-metadata and the manifest. A rank that fails or dies makes DCP's gather fail, so ``finish`` never
-runs and the checkpoint stays invisible. Ranks on several nodes need a store that every daemon
-can reach (S3, GCS, a shared path): a part cannot be committed into another node's root.
-"""
+"""The DCP ``StorageWriter``/``AsyncStager``: each rank copies its shard into a shared-memory
+slot (the only work ``dcp.async_save`` blocks on) and hands it to its node's daemon."""
 
 from __future__ import annotations
 
@@ -34,74 +10,44 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
     StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
     SavePlan,
     SavePlanner,
     WriteItemType,
 )
 from torch.distributed.checkpoint.staging import AsyncStager
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .catalog import Located, candidates, local_files, run_sync
-from .client import Checkpointer
-from .ddp import rank_and_world
-from .errors import ConfigError, IntegrityError, NotFoundError, SaveError, SerializationError
-from .fmt import DTYPES, TORCH_DTYPES, check_tensor
-from .header import FORMAT, encode_header
-from .names import check_file_name, check_name
-from .protocol import CommitRequest, Committed, ErrorEvent, HelloRequest, Welcome
-from .reader import file_tensors, read_verified
-from .stager import copy_all
-from .storage import join_key, open_store
-
-__all__ = ["METADATA", "Reader", "Writer", "shard_name"]
+from ..client import Checkpointer
+from ..ddp import rank_and_world
+from ..errors import ConfigError, SaveError
+from ..fmt import DTYPES, check_tensor
+from ..header import FORMAT, encode_header
+from ..names import check_name
+from ..protocol import CommitRequest, Committed, ErrorEvent
+from ..stager import copy_all
+from .layout import (
+    BYTES_KEY,
+    METADATA,
+    TRAILING_INT,
+    Loc,
+    encode_metadata,
+    item_key,
+    shard_name,
+)
 
 log = logging.getLogger("ckptd.dcp")
-
-METADATA = "dcp-metadata.json"
-_BYTES_KEY = "ckptd.dcp.bytes"
-_TRAILING_INT = re.compile(r"(\d+)$")
-
-
-def shard_name(rank: int, world: int) -> str:
-    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Loc:
-    """Where one write item lives: a shard file and the key in it. DCP keeps these per item in
-    ``Metadata.storage_data``; ``size``/``crc32c`` describe the whole file, for the commit."""
-
-    file: str
-    key: str
-    size: int = 0
-    crc32c: str = ""
-
-
-def _item_key(fqn: str, offsets: Any, sizes: Any, full: Any) -> str:
-    if all(o == 0 for o in offsets) and list(sizes) == list(full):
-        return fqn
-    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
 
 
 # ---- staging: a training-safe copy of the state dict in a shared-memory slot -------------------
@@ -323,7 +269,7 @@ class Writer(StorageWriter, AsyncStager):
                 continue
             assert isinstance(data, torch.Tensor) and item.tensor_data is not None
             chunk = item.tensor_data.chunk
-            key = _item_key(item.index.fqn, chunk.offsets, chunk.sizes, item.tensor_data.size)
+            key = item_key(item.index.fqn, chunk.offsets, chunk.sizes, item.tensor_data.size)
             t = data.detach()
             check_tensor(key, t)
             tensors.append((key, t, item))
@@ -334,7 +280,7 @@ class Writer(StorageWriter, AsyncStager):
         tensors.sort(key=lambda e: -e[1].element_size())
         header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "ckptd.kind": "dcp-shard"}}
         if blobs:
-            header["__metadata__"][_BYTES_KEY] = json.dumps(blobs, separators=(",", ":"))
+            header["__metadata__"][BYTES_KEY] = json.dumps(blobs, separators=(",", ":"))
         offset = 0
         for key, t, _ in tensors:
             n = t.numel() * t.element_size()
@@ -352,11 +298,11 @@ class Writer(StorageWriter, AsyncStager):
             raise SaveError(f"the daemon did not report the size and checksum of {name}")
         results = []
         for key, t, item in tensors:
-            loc = _Loc(name, key, int(rec["size"]), str(rec["crc32c"]))
+            loc = Loc(name, key, int(rec["size"]), str(rec["crc32c"]))
             results.append(WriteResult(item.index, t.numel() * t.element_size(), loc))
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
-                loc = _Loc(name, item.index.fqn, int(rec["size"]), str(rec["crc32c"]))
+                loc = Loc(name, item.index.fqn, int(rec["size"]), str(rec["crc32c"]))
                 results.append(WriteResult(item.index, len(blobs[item.index.fqn]), loc))
         return results
 
@@ -403,7 +349,7 @@ class Writer(StorageWriter, AsyncStager):
     def _step(self) -> int:
         if self.step is not None:
             return self.step
-        m = _TRAILING_INT.search(self.tag or "")
+        m = TRAILING_INT.search(self.tag or "")
         return int(m.group(1)) if m else 0
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -416,7 +362,7 @@ class Writer(StorageWriter, AsyncStager):
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.tag is not None
         parts: dict[str, dict[str, Any]] = {}
-        storage: dict[MetadataIndex, _Loc] = {}
+        storage: dict[MetadataIndex, Loc] = {}
         for rank_results in results:
             for r in rank_results:
                 loc = r.storage_data
@@ -523,278 +469,3 @@ class Writer(StorageWriter, AsyncStager):
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-# ---- metadata as JSON ------------------------------------------------------------------------
-
-
-def encode_metadata(md: Metadata) -> dict[str, Any]:
-    """DCP's ``Metadata`` as plain JSON: readable anywhere, and nothing to unpickle."""
-    sd: dict[str, Any] = {}
-    for fqn, m in md.state_dict_metadata.items():
-        if isinstance(m, BytesStorageMetadata):
-            sd[fqn] = {"type": "bytes"}
-            continue
-        p = m.properties
-        if p.layout != torch.strided:
-            raise SerializationError(f"{fqn}: layout {p.layout} is not supported")
-        sd[fqn] = {
-            "type": "tensor",
-            "dtype": DTYPES[p.dtype],
-            "requires_grad": bool(p.requires_grad),
-            "size": list(m.size),
-            "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks],
-        }
-    storage = [
-        [idx.fqn, None if idx.offset is None else list(idx.offset), idx.index, loc.file, loc.key]
-        for idx, loc in (md.storage_data or {}).items()
-    ]
-    planner_data = None
-    if isinstance(md.planner_data, dict):
-        try:
-            planner_data = {k: list(v) for k, v in md.planner_data.items()}
-            json.dumps(planner_data)
-        except (TypeError, ValueError):
-            planner_data = None
-    return {
-        "format": "ckptd-dcp/1",
-        "version": md.version,
-        "state_dict_metadata": sd,
-        "storage_data": storage,
-        "planner_data": planner_data,
-    }
-
-
-def decode_metadata(doc: Any) -> Metadata:
-    """The JSON form back into DCP's ``Metadata``; anything malformed is an ``IntegrityError``
-    (it comes from the store), and every shard file it names must pass the name rule."""
-    try:
-        sd: dict[str, Any] = {}
-        for fqn, m in doc["state_dict_metadata"].items():
-            if m["type"] == "bytes":
-                sd[fqn] = BytesStorageMetadata()
-                continue
-            props = TensorProperties(
-                dtype=TORCH_DTYPES[m["dtype"]], requires_grad=bool(m["requires_grad"])
-            )
-            chunks = [ChunkStorageMetadata(_size(o), _size(s)) for o, s in m["chunks"]]
-            sd[fqn] = TensorStorageMetadata(props, _size(m["size"]), chunks)
-        storage = {}
-        for fqn, offset, index, file, key in doc["storage_data"]:
-            idx = MetadataIndex(fqn, None if offset is None else _size(offset), index)
-            storage[idx] = _Loc(check_file_name(file, "shard file"), key)
-        planner_data = doc.get("planner_data")
-        if isinstance(planner_data, dict):
-            planner_data = {k: tuple(v) for k, v in planner_data.items()}
-        return Metadata(sd, planner_data, storage, version=doc.get("version"))
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError,
-            OverflowError, RuntimeError, ConfigError) as e:  # fmt: skip
-        raise IntegrityError(f"{METADATA} is malformed: {e!r}") from e
-
-
-def _size(dims: Any) -> torch.Size:
-    """A shape or offset list from the store: non-negative ints only (``torch.Size`` would take
-    floats and negatives, and fail later in an allocation)."""
-    if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
-        raise ValueError(f"{dims!r} is not a list of non-negative integers")
-    return torch.Size(dims)
-
-
-# ---- the reader ------------------------------------------------------------------------------
-
-
-class Reader(StorageReader):
-    """A DCP ``StorageReader`` for checkpoints saved through ``Writer``, resharding included.
-
-    Args:
-        run: the run saved into; with ``store``, reads ``<store>/<run>``.
-        store: store URL; default: ask this node's daemon for its store, else its root.
-        socket: the daemon socket used to find the default store.
-        url: instead of run/store, the run's URL directly (``s3://b/p/run``, a path).
-        allow_pickle: DCP stores non-tensor values with ``torch.save``; by default they are
-            loaded only if ``torch.load(weights_only=True)`` accepts them (plain numbers,
-            strings, containers, tensors). True trusts the checkpoint fully.
-
-    ``checkpoint_id`` in ``dcp.load`` is the tag; None or ``"latest"`` takes the newest
-    sharded checkpoint of the run. Every file read is checked against the manifest's CRC32C.
-    """
-
-    def __init__(
-        self,
-        run: str | None = None,
-        store: str | None = None,
-        socket: str | None = None,
-        *,
-        url: str | None = None,
-        allow_pickle: bool = False,
-    ) -> None:
-        super().__init__()
-        if url is None:
-            if run is None:
-                raise ConfigError("Reader needs run= (with store= or a daemon) or url=")
-            check_name(run, "run")
-            base = store or _daemon_store(socket)
-            url = join_key(base, run) if "://" in base else os.path.join(base, run)
-        self.url = url.rstrip("/")
-        self.tag = "latest"
-        self.allow_pickle = allow_pickle
-        self.manifest: dict[str, Any] = {}
-        self._storage: dict[MetadataIndex, _Loc] = {}
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self.tag = "latest" if checkpoint_id is None else os.fspath(checkpoint_id)
-        if self.tag != "latest":
-            check_name(self.tag, "checkpoint_id")
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return Writer.validate_checkpoint_id(checkpoint_id)
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        async def go() -> dict[str, Any]:
-            async with open_store(self.url) as store:
-                # Validated manifests only (``ckptd.manifest``); a missing tag lists those there.
-                found = await candidates(store, self.tag)
-                if self.tag == "latest":
-                    found = [m for m in found if m.get("kind") == "dcp"]
-                    if not found:
-                        raise NotFoundError(f"no committed sharded checkpoint in {self.url}")
-                return found[0]
-
-        manifest = run_sync(go())
-        if manifest.get("kind") != "dcp":
-            raise ConfigError(
-                f"{self.url}@{manifest['tag']} was saved by Checkpointer, not DCP: load it with "
-                "ckptd.load or Checkpointer.restore"
-            )
-        self.manifest = manifest
-        self.tag = manifest["tag"]
-        raw = self._verified([METADATA])[METADATA].numpy().tobytes()
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise IntegrityError(f"{self.url}@{self.tag}: {METADATA} is not JSON: {e}") from e
-        try:
-            md = decode_metadata(doc)
-        except IntegrityError as e:
-            raise IntegrityError(f"{self.url}@{self.tag}: {e}") from e
-        self._storage = md.storage_data
-        return md
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
-                              **kwargs: Any) -> None:  # fmt: skip
-        self._storage = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        try:
-            self._read_data(plan, planner)
-        except IntegrityError as e:
-            raise IntegrityError(f"{self.url}@{self.tag}: {e}") from e
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-
-    def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> None:
-        locs = [self._loc(item) for item in plan.items]
-        needed = sorted({loc.file for loc in locs})
-        files = {name: file_tensors(buf, name) for name, buf in self._verified(needed).items()}
-        blobs: dict[str, dict[str, Any]] = {}
-        for item, loc in zip(plan.items, locs, strict=True):
-            tensors, meta = files[loc.file]
-            if item.type == LoadItemType.BYTE_IO:
-                if loc.file not in blobs:
-                    blobs[loc.file] = _blobs(loc.file, meta)
-                planner.load_bytes(item, io.BytesIO(self._safe_bytes(loc, blobs[loc.file])))
-                continue
-            stored = tensors.get(loc.key)
-            if stored is None:
-                raise IntegrityError(f"{loc.file} has no tensor {loc.key!r}")
-            try:
-                src = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
-            except (IndexError, RuntimeError, ValueError) as e:
-                raise IntegrityError(
-                    f"{loc.file}: tensor {loc.key!r} does not hold the chunk the metadata "
-                    f"places in it: {e}"
-                ) from e
-            target = planner.resolve_tensor(item).detach()
-            if target.size() != src.size():
-                raise IntegrityError(
-                    f"{loc.key}: stored chunk {tuple(src.size())} does not fit {tuple(target.size())}"
-                )
-            target.copy_(src)
-            planner.commit_tensor(item, target)
-
-    def _loc(self, item: Any) -> _Loc:
-        try:
-            return self._storage[item.storage_index]
-        except KeyError:
-            raise IntegrityError(
-                f"{METADATA} does not say where {item.storage_index.fqn!r} is stored"
-            ) from None
-
-    def _safe_bytes(self, loc: _Loc, blobs: dict[str, Any]) -> bytes:
-        """A non-tensor value's bytes for the planner, which ``torch.load``s them with
-        ``weights_only=False``. Unless ``allow_pickle``, the stored bytes are unpickled once,
-        by the restricted unpickler, and the planner gets that object saved again by us: it never
-        unpickles what the store holds."""
-        try:
-            data = base64.b64decode(blobs[loc.key], validate=True)
-        except (KeyError, TypeError, ValueError) as e:
-            raise IntegrityError(f"{loc.file}: no readable value {loc.key!r}: {e!r}") from e
-        if self.allow_pickle:
-            return data
-        try:
-            obj = torch.load(io.BytesIO(data), weights_only=True)
-        except Exception as e:  # the weights-only unpickler's refusals have no common type
-            why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
-            raise SerializationError(
-                f"{loc.key} holds an object that needs full unpickling ({why or type(e).__name__}); "
-                "pass Reader(allow_pickle=True) if you trust this checkpoint"
-            ) from e
-        out = io.BytesIO()
-        torch.save(obj, out)
-        return out.getvalue()
-
-    def _verified(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Each named file of the checkpoint, whole, checked against the manifest as it is read
-        (the same reads as ``ckptd.load``: in place when local, never through a symbolic link,
-        else downloaded first)."""
-        files = self.manifest.get("files", {})
-        for name in names:
-            if name not in files:
-                raise IntegrityError(f"{name} is not listed in the manifest of {self.tag}")
-        loc = Located(self.url, self.tag, {**self.manifest, "files": {n: files[n] for n in names}})
-        with local_files(loc) as (base, parts):
-            return {n: read_verified(base, [*parts, n], files[n]) for n in names}
-
-
-def _blobs(file: str, meta: dict[str, str]) -> dict[str, Any]:
-    """The base64 table of non-tensor values in a shard's metadata."""
-    try:
-        blobs = json.loads(meta.get(_BYTES_KEY, "{}"))
-    except (ValueError, RecursionError) as e:
-        raise IntegrityError(f"{file}: {_BYTES_KEY} is not JSON: {e}") from e
-    if not isinstance(blobs, dict):
-        raise IntegrityError(f"{file}: {_BYTES_KEY} is not an object")
-    return blobs
-
-
-def _daemon_store(socket: str | None) -> str:
-    """The default place to read from: the daemon's store, else its root."""
-    from .connection import Connection
-    from .defaults import default_socket
-
-    conn = Connection(socket or default_socket(), 10.0)
-    try:
-        info = conn.request(HelloRequest(pid=os.getpid()))
-    finally:
-        conn.close()
-    if not isinstance(info, Welcome):
-        raise ConfigError(f"the daemon did not welcome this reader: {info}")
-    return info.store or info.root
