@@ -31,7 +31,7 @@ from ..errors import (
     PermanentStorageError,
     ProtocolError,
 )
-from ..names import check_file_name, check_name
+from ..names import check_name
 from ..protocol import CommitRequest, Committed, ErrorEvent
 from ..storage import Store, join_key
 from .commit import assemble_parts, commit, crc_hex, parts_dir
@@ -46,17 +46,6 @@ from .write import WriteStage, check_data_name
 log = logging.getLogger("ckptd.daemon")
 
 _CRC = re.compile(r"[0-9a-f]{8}")
-
-
-def _check_meta_name(name: object) -> str:
-    try:
-        check_file_name(name)
-    except ConfigError as e:
-        raise ProtocolError(str(e)) from None
-    assert isinstance(name, str)
-    if not name.endswith(".json"):
-        raise ProtocolError(f"bad inline file {name!r}: metadata files end in .json")
-    return name
 
 
 class ShardedCommits:
@@ -147,7 +136,7 @@ class ShardedCommits:
             parts = _part_records(req.parts)
             inline = req.inline or {}
             for name in inline:
-                if _check_meta_name(name) in parts:
+                if check_data_name(name, (".json",)) in parts:
                     raise ProtocolError(f"bad inline file {name!r}")
             given = req.manifest or {}
         except (ProtocolError, ConfigError) as e:

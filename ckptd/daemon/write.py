@@ -58,15 +58,16 @@ _MANIFEST_FIELDS = (
 """What a client may put into its manifest; the daemon writes the rest."""
 
 
-def check_data_name(name: object) -> str:
-    """A data file a client stages: the name rule, and a data suffix."""
+def check_data_name(name: object, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> str:
+    """A file a client names in a message: the name rule, and one of ``suffixes``; a bad one is
+    a protocol error (the client is at fault, not a user's argument)."""
     try:
         check_file_name(name)
     except ConfigError as e:
         raise ProtocolError(str(e)) from None
     assert isinstance(name, str)
-    if not name.endswith(DATA_SUFFIXES):
-        raise ProtocolError(f"file {name!r} must end in .safetensors or .msgpack")
+    if not name.endswith(suffixes):
+        raise ProtocolError(f"file {name!r} must end in {' or '.join(suffixes)}")
     return name
 
 
