@@ -331,9 +331,6 @@ class Daemon:
 
     # ---- status and drain ------------------------------------------------------------------
 
-    def unfinished(self) -> list[Job]:
-        return self.jobs.unfinished()
-
     async def drain(self, timeout: float | None) -> tuple[bool, list[Job]]:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         await self.jobs.settle(deadline)
