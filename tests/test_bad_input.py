@@ -19,6 +19,7 @@ import ckptd
 from ckptd import Checkpointer
 from ckptd.protocol import encode
 from ckptd.spawn import DaemonProcess
+from tests.clientkit import raw_socket
 from tests.helpers import Net, bitwise_equal
 
 
@@ -26,13 +27,6 @@ def _alive_and_serving(daemon, run: str = "probe") -> None:  # type: ignore[no-u
     assert daemon.proc.proc.poll() is None, daemon.log_text()
     with Checkpointer(run, socket=daemon.socket) as ckpt:
         ckpt.save(1, model=torch.nn.Linear(3, 3)).wait(timeout=30)
-
-
-def _raw(daemon) -> socket.socket:  # type: ignore[no-untyped-def]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(daemon.socket)
-    return s
 
 
 def _drain_replies(s: socket.socket) -> bytes:
@@ -93,7 +87,7 @@ def test_hostile_messages_drop_only_that_client(
     daemon, label: str, payload: bytes, fault_log
 ) -> None:  # type: ignore[no-untyped-def]
     with Checkpointer("bystander", socket=daemon.socket) as bystander:
-        s = _raw(daemon)
+        s = raw_socket(daemon.socket)
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         _drain_replies(s)
@@ -109,7 +103,7 @@ def test_hostile_messages_drop_only_that_client(
 def test_save_pointing_outside_its_arena_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
     from ckptd.header import encode_header
 
-    s = _raw(daemon)
+    s = raw_socket(daemon.socket)
     fd = _memfd(4096)
     frame = encode({"op": "slot", "slot": 0, "size": 4096, "generation": 1})
     socket.send_fds(s, [frame], [fd])
@@ -129,7 +123,7 @@ def test_save_pointing_outside_its_arena_is_refused(daemon) -> None:  # type: ig
 def test_random_bytes_fuzz(daemon, fault_log) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(1234)
     for i in range(40):
-        s = _raw(daemon)
+        s = raw_socket(daemon.socket)
         n = rng.choice([1, 3, 4, 17, 300, 5000])
         blob = bytes(rng.getrandbits(8) for _ in range(n))
         if i % 3 == 0:  # a plausible length prefix in front of garbage
