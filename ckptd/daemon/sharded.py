@@ -116,8 +116,17 @@ class ShardedCommits:
         )
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, path)
-        with contextlib.suppress(OSError):  # empty once every part of this node is up
-            os.rmdir(jdir)
+        # Empty once every part of this node is up; while a sibling part is still on its way,
+        # its journal may not be written yet, and removing the directory under it would fail
+        # that upload (and orphan its multipart upload). Check and rmdir with no await between.
+        busy = any(
+            j is not job and j.part is not None and j.run == job.run and j.tag == job.tag
+            and j.pending
+            for j in self.jobs.values()
+        )  # fmt: skip
+        if not busy:
+            with contextlib.suppress(OSError):
+                os.rmdir(jdir)
 
     async def reply_commit(self, client: Client, req: CommitRequest) -> None:
         """The global commit of a sharded checkpoint, asked by its coordinating rank once every
@@ -135,6 +144,8 @@ class ShardedCommits:
             store_url = req.store or client.store or self.cfg.store
             parts = _part_records(req.parts)
             inline = req.inline or {}
+            if not parts and not inline:  # an empty state dict still commits its metadata
+                raise ProtocolError("a commit lists no parts and no files")
             for name in inline:
                 if check_data_name(name, (".json",)) in parts:
                     raise ProtocolError(f"bad inline file {name!r}")
@@ -229,6 +240,4 @@ def _part_records(raw: dict[Any, Any]) -> dict[str, dict[str, Any]]:
         if not isinstance(crc, str) or not _CRC.fullmatch(crc):
             raise ProtocolError(f"part {name}: crc32c must be 8 hex digits")
         out[name] = {"size": size, "crc32c": crc}
-    if not out:
-        raise ProtocolError("a commit lists no parts")
     return out

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ..errors import TransientStorageError
+from ..errors import ThrottledError, TransientStorageError
+from .backoff import delay as backoff_delay
 
 T = TypeVar("T")
 
@@ -35,7 +35,9 @@ async def with_retries(
     """Await ``fn()``, retrying ``TransientStorageError`` until ``attempts`` calls have failed.
 
     Full jitter (sleep uniformly in [0, min(max_delay, base_delay * 2**n)]) spreads the retries of
-    many concurrent parts so they do not hammer a throttling server in lockstep.
+    many concurrent parts so they do not hammer a throttling server in lockstep; the draws come
+    from this process's own generator (``backoff``), so ranks seeded alike still differ, and a
+    ``ThrottledError`` backs off from a longer base.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -45,12 +47,19 @@ async def with_retries(
             return await fn()
         except TransientStorageError as e:
             if attempt >= attempts:
-                log.warning("%s failed after %d attempts: %s", what, attempt, e)
+                # The caller says it once (the daemon rate-limits per checkpoint): a store that
+                # is down fails every request alike, and a line each would bury the cause.
+                log.debug("%s failed after %d attempts: %s", what, attempt, e)
                 raise
             if on_retry is not None:
                 on_retry(attempt, e)
-            delay = random.uniform(0.0, min(max_delay, base_delay * (2 ** (attempt - 1))))
-            log.info("%s: attempt %d failed (%s); retrying in %.2fs", what, attempt, e, delay)
+            delay = backoff_delay(
+                attempt,
+                base=base_delay,
+                cap=max_delay,
+                throttled=isinstance(e, ThrottledError),
+            )
+            log.debug("%s: attempt %d failed (%s); retrying in %.2fs", what, attempt, e, delay)
             await asyncio.sleep(delay)
             attempt += 1
 
