@@ -10,12 +10,34 @@ from collections.abc import Iterator
 import pytest
 
 from ckptd.spawn import DaemonProcess
-from tests.servers import gcs_bucket, gcs_proxy, gcs_server, s3_bucket, s3_proxy, s3_server
+from tests.servers import (
+    any_s3_bucket,
+    gcs_bucket,
+    gcs_proxy,
+    gcs_server,
+    s3_bucket,
+    s3_proxy,
+    s3_server,
+    s3rver_bucket,
+    s3rver_proxy,
+    s3rver_server,
+)
 
 # Test daemons never probe cloud metadata addresses (only 127.0.0.1 is reachable from tests).
 os.environ.setdefault("CKPTD_PREEMPTION", "off")
 
-__all__ = ["gcs_bucket", "gcs_proxy", "gcs_server", "s3_bucket", "s3_proxy", "s3_server"]
+__all__ = [
+    "any_s3_bucket",
+    "gcs_bucket",
+    "gcs_proxy",
+    "gcs_server",
+    "s3_bucket",
+    "s3_proxy",
+    "s3_server",
+    "s3rver_bucket",
+    "s3rver_proxy",
+    "s3rver_server",
+]
 
 
 class DaemonHandle:

@@ -16,14 +16,33 @@ from urllib.parse import urlparse
 
 import pytest
 
+from ckptd.storage.capabilities import FULL_OBJECT, Capabilities
 from ckptd.testing.servers import (
     S3_ENV,
+    S3RVER_ENV,
     bucket_name,
     create_gcs_bucket,
+    s3rver_binary,
     start_fake_gcs,
     start_moto,
+    start_s3rver,
 )
 from tests.faultproxy import FaultProxy
+
+MOTO_CAPABILITIES = Capabilities(
+    verifies_checksums=False, reports_checksums=False, verifies_md5=False, etag_is_md5=True,
+    create_only=True, list_parts=True, list_uploads=True, abort_uploads=True,
+    multipart_checksum=FULL_OBJECT,
+)  # fmt: skip
+"""What probing moto finds (tests/test_s3_compat.py checks it): stores that fault tests build
+take it as given, so that the probe's own requests do not eat the faults they inject."""
+
+S3RVER_CAPABILITIES = Capabilities(
+    verifies_checksums=False, reports_checksums=False, verifies_md5=False, etag_is_md5=True,
+    create_only=False, list_parts=False, list_uploads=False, abort_uploads=False,
+    multipart_checksum=FULL_OBJECT,
+)  # fmt: skip
+"""What probing s3rver 3.7.1 finds (it takes any checksum parameters and ignores them)."""
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +60,24 @@ def gcs_server() -> Iterator[str]:
         yield server.url
 
 
-def set_s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+@pytest.fixture(scope="session")
+def s3rver_server() -> Iterator[str]:
+    """s3rver (npm) in its own process, the second S3 implementation; yields its endpoint URL.
+    Skips only where node or the package is absent (``./dev test`` installs it)."""
+    if s3rver_binary() is None:
+        pytest.skip("s3rver not installed (./dev test installs it with npm into .node/)")
+    with tempfile.TemporaryDirectory(prefix="ckptd-s3rver-") as d, start_s3rver(d) as server:
+        yield server.url
+
+
+def set_s3_env(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, env: dict[str, str] | None = None
+) -> None:
     """Point botocore at ``endpoint`` with dummy credentials, through its own env conventions."""
     for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    for var, value in S3_ENV.items():
+    for var, value in (env or S3_ENV).items():
         monkeypatch.setenv(var, value)
 
 
@@ -61,6 +92,34 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     client.create_bucket(Bucket=name)
     yield name
     client.close()
+
+
+@pytest.fixture
+def s3rver_bucket(s3rver_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on s3rver; the env points botocore (and daemons) at it."""
+    import boto3
+
+    set_s3_env(monkeypatch, s3rver_server, S3RVER_ENV)
+    name = bucket_name()
+    # A session of its own: boto3's default one keeps the credentials it first saw (moto's).
+    client = boto3.session.Session().client("s3", endpoint_url=s3rver_server)
+    client.create_bucket(Bucket=name)
+    yield name
+    client.close()
+
+
+@pytest.fixture(params=["moto", "s3rver"])
+def any_s3_bucket(request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on each S3 implementation in turn (moto, then s3rver)."""
+    return str(request.getfixturevalue("s3_bucket" if request.param == "moto" else "s3rver_bucket"))
+
+
+@pytest.fixture
+def s3rver_proxy(
+    s3rver_bucket: str, s3rver_server: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """A fault proxy in front of s3rver; ``AWS_ENDPOINT_URL`` points at the proxy."""
+    yield from _proxied(s3rver_server, "AWS_ENDPOINT_URL", monkeypatch)
 
 
 @pytest.fixture
@@ -97,11 +156,17 @@ def gcs_proxy(
 
 
 __all__ = [
+    "MOTO_CAPABILITIES",
+    "S3RVER_CAPABILITIES",
+    "any_s3_bucket",
     "gcs_bucket",
     "gcs_proxy",
     "gcs_server",
     "s3_bucket",
     "s3_proxy",
     "s3_server",
+    "s3rver_bucket",
+    "s3rver_proxy",
+    "s3rver_server",
     "set_s3_env",
 ]

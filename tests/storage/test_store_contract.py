@@ -1,4 +1,5 @@
-"""The Store contract, run against every backend: memory, local, S3 (moto), GCS (fake-gcs)."""
+"""The Store contract, run against every backend: memory, local, S3 (moto and s3rver), GCS
+(fake-gcs)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ckptd.storage.s3 import S3Store
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["memory", "local", "s3", "gcs"])
+@pytest.fixture(params=["memory", "local", "s3", "s3rver", "gcs"])
 async def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Store]:
@@ -27,8 +28,8 @@ async def store(
         st: Store = MemoryStore(f"memory://{request.node.name}")
     elif kind == "local":
         st = LocalStore(str(tmp_path_factory.mktemp("store")))
-    elif kind == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
+    elif kind in ("s3", "s3rver"):
+        bucket = request.getfixturevalue("s3_bucket" if kind == "s3" else "s3rver_bucket")
         st = S3Store(bucket, "pre/fix", part_size=5 * MiB, retry_base_delay=0.01)
     else:
         bucket = request.getfixturevalue("gcs_bucket")
