@@ -153,9 +153,9 @@ def main() -> None:
     try:
         action = args["action"]
         if action in ("save", "die"):
-            # Process mode gets replicated plain tensors: torch 2.13 segfaults pickling a DTensor
-            # whose local shard is an offset view of shared memory (see ckptd/dcp.py).
-            plain = args.get("mode") == "process"
+            # DTensors in every mode: process mode pickles the staged ones for DCP's process
+            # (torch 2.13 segfaults on a plain staged DTensor; see ckptd/dcp/writer.py).
+            plain = args.get("plain", False)
             state = full_state(args["seed"]) if plain else sharded_state(args["seed"], mesh)
             writer = ckptd.dcp.Writer(run=args["run"], store=args.get("store"), socket=socket)
             if action == "die" and rank == args["victim"]:

@@ -8,6 +8,7 @@ and the store is the daemon's root, a shared local path, or the moto S3 server.
 from __future__ import annotations
 
 import fractions
+import io
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import ckptd
 import ckptd.dcp
+import ckptd.errors
 from ckptd.errors import CkptdError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,3 +340,89 @@ def test_ddp_saves_once_and_restores_on_every_rank(daemon, tmp_path) -> None:  #
     for rank in (0, 1):
         assert verdicts[rank]["own_state"] in ("committed", "uploaded")
         assert committed_tags(os.path.join(daemon.root, f"ddp-rank{rank}")) == ["step-00000001"]
+
+
+# ---- DCP parity (issue 18): empty checkpoints, DCP's own value types, existing tags ------------
+
+
+def test_an_empty_state_dict_commits_its_metadata_only(daemon) -> None:  # type: ignore[no-untyped-def]
+    class Nothing:  # a Stateful with nothing to save
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.loaded = state_dict
+
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save({}, checkpoint_id="empty-1", storage_writer=writer)
+    dcp.save({"n": Nothing()}, checkpoint_id="empty-2", storage_writer=writer)
+    writer.close()
+    url = os.path.join(daemon.root, "solo")
+    assert committed_tags(url) == ["empty-1", "empty-2"]
+    for tag in ("empty-1", "empty-2"):
+        manifest = next(m for m in ckptd.list_checkpoints(url) if m["tag"] == tag)
+        assert list(manifest["files"]) == ["dcp-metadata.json"]
+        ckptd.verify(url, tag)
+    target = Nothing()
+    dcp.load({"n": target}, checkpoint_id="empty-2",
+             storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
+    assert target.loaded == {}
+
+
+def test_the_restricted_loader_takes_what_dcp_saves_and_names_what_it_refuses(daemon) -> None:  # type: ignore[no-untyped-def]
+    blob = io.BytesIO()
+    torch.save([0.5, 0.25], blob)
+    state = {"blob": blob, "size": torch.Size([2, 3]), "dtype": torch.bfloat16,
+             "mixed": {"a": (1, "x", None), "b": {1, 2}, "f": frozenset({3}), "r": range(4)},
+             "obj": fractions.Fraction(1, 3)}  # fmt: skip
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save(state, checkpoint_id="values", storage_writer=writer)
+    writer.close()
+
+    def target() -> dict[str, Any]:
+        mixed = dict.fromkeys(("a", "b", "f", "r"))  # DCP flattens nested dicts
+        return {"blob": io.BytesIO(), "size": None, "dtype": None, "mixed": mixed, "obj": None}
+
+    def reader(**kw: Any) -> ckptd.dcp.Reader:
+        return ckptd.dcp.Reader(run="solo", socket=daemon.socket, **kw)
+
+    # Without the Fraction, everything DCP itself produces loads by default.
+    plain = target()
+    del plain["obj"]
+    dcp.load(plain, checkpoint_id="values", storage_reader=reader())
+    plain["blob"].seek(0)
+    assert torch.load(plain["blob"]) == [0.5, 0.25]
+    assert plain["size"] == torch.Size([2, 3]) and plain["dtype"] is torch.bfloat16
+    assert plain["mixed"] == state["mixed"]
+    # Any other class is refused, naming both ways in, and the narrow one works.
+    with pytest.raises(CheckpointException) as raised:
+        dcp.load(target(), checkpoint_id="values", storage_reader=reader())
+    failure = raised.value.failures[0]
+    failure = failure[0] if isinstance(failure, tuple) else failure
+    assert isinstance(failure, ckptd.errors.SerializationError)
+    assert "Fraction" in str(failure) and "safe_globals" in str(failure)
+    allowed = target()
+    dcp.load(allowed, checkpoint_id="values",
+             storage_reader=reader(safe_globals=[fractions.Fraction]))  # fmt: skip
+    assert allowed["obj"] == fractions.Fraction(1, 3)
+
+
+def test_a_second_save_of_a_tag_is_refused_up_front_like_file_system_writer(daemon) -> None:  # type: ignore[no-untyped-def]
+    writer = ckptd.dcp.Writer(run="solo", socket=daemon.socket)
+    dcp.save({"w": torch.ones(3)}, checkpoint_id="once", storage_writer=writer)
+    placed: list[Any] = []
+    writer._place = lambda *a: placed.append(a)  # type: ignore[method-assign]
+    with pytest.raises(CheckpointException, match="Checkpoint already exists") as raised:
+        dcp.save({"w": torch.zeros(3)}, checkpoint_id="once", storage_writer=writer)
+    failure = raised.value.failures[0]
+    failure = failure[0] if isinstance(failure, tuple) else failure
+    assert isinstance(failure, ckptd.dcp.CheckpointExistsError)
+    assert isinstance(failure, ckptd.errors.AlreadyExistsError) and isinstance(
+        failure, RuntimeError
+    )
+    assert not placed, "nothing should be staged for a refused save"
+    writer.close()
+    target = {"w": torch.zeros(3)}
+    dcp.load(target, checkpoint_id="once",
+             storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
+    assert torch.equal(target["w"], torch.ones(3))

@@ -27,8 +27,17 @@ can reach (S3, GCS, a shared path): a part cannot be committed into another node
 
 from __future__ import annotations
 
+from .errors import CheckpointExistsError
 from .layout import METADATA, decode_metadata, encode_metadata, shard_name
 from .reader import Reader
 from .writer import Writer
 
-__all__ = ["METADATA", "Reader", "Writer", "decode_metadata", "encode_metadata", "shard_name"]
+__all__ = [
+    "METADATA",
+    "CheckpointExistsError",
+    "Reader",
+    "Writer",
+    "decode_metadata",
+    "encode_metadata",
+    "shard_name",
+]

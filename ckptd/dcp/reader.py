@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,16 +25,23 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ..catalog import Located, candidates, local_files, run_sync
+from ..catalog import Located, candidates, run_sync
 from ..errors import ConfigError, IntegrityError, NotFoundError, SerializationError
 from ..names import check_name
 from ..protocol import HelloRequest, Welcome
-from ..reader import file_tensors, read_verified
+from ..reader import file_tensors, read_tensors
 from ..storage import join_key, open_store
 from .layout import BYTES_KEY, METADATA, Loc, decode_metadata
 from .writer import Writer
 
 log = logging.getLogger("ckptd.dcp")
+_BATCH_BYTES = 128 << 20  # a plan's files read at once (a few small ones overlap their latency)
+
+SAFE_GLOBALS: tuple[Any, ...] = (io.BytesIO, frozenset, range, slice)
+"""What the restricted loader allows beyond ``torch.load(weights_only=True)``'s own set (which
+has the primitives, dict/list/tuple/set, OrderedDict, tensors, ``torch.Size``, dtypes, devices).
+``io.BytesIO`` because DCP saves a BytesIO value (its usual way to carry bytes) by pickling the
+object itself; the others are builtins without code. Nothing here can run code when loaded."""
 
 
 # ---- the reader ------------------------------------------------------------------------------
@@ -48,8 +56,13 @@ class Reader(StorageReader):
         socket: the daemon socket used to find the default store.
         url: instead of run/store, the run's URL directly (``s3://b/p/run``, a path).
         allow_pickle: DCP stores non-tensor values with ``torch.save``; by default they are
-            loaded only if ``torch.load(weights_only=True)`` accepts them (plain numbers,
-            strings, containers, tensors). True trusts the checkpoint fully.
+            loaded only if ``torch.load(weights_only=True)`` accepts them, with ``SAFE_GLOBALS``
+            added (see there): numbers, strings, bytes, containers, tensors, ``torch.Size``,
+            dtypes, devices, ``io.BytesIO``. Any other class is refused with a
+            ``SerializationError`` naming it. True trusts the checkpoint fully.
+        safe_globals: classes or functions to allow on top of those, the narrow opt-in (what
+            ``torch.serialization.add_safe_globals`` takes), e.g. ``[MyConfig]``.
+        checkpoint_id: the tag when ``dcp.load`` gets none (default: the newest).
 
     ``checkpoint_id`` in ``dcp.load`` is the tag; None or ``"latest"`` takes the newest
     sharded checkpoint of the run. Every file read is checked against the manifest's CRC32C.
@@ -63,6 +76,8 @@ class Reader(StorageReader):
         *,
         url: str | None = None,
         allow_pickle: bool = False,
+        safe_globals: Sequence[Any] = (),
+        checkpoint_id: str | None = None,
     ) -> None:
         super().__init__()
         if url is None:
@@ -72,13 +87,15 @@ class Reader(StorageReader):
             base = store or _daemon_store(socket)
             url = join_key(base, run) if "://" in base else os.path.join(base, run)
         self.url = url.rstrip("/")
-        self.tag = "latest"
+        self.default_tag = "latest" if checkpoint_id is None else check_name(checkpoint_id, "tag")
+        self.tag = self.default_tag
         self.allow_pickle = allow_pickle
+        self.safe_globals = [*SAFE_GLOBALS, *safe_globals]
         self.manifest: dict[str, Any] = {}
         self._storage: dict[MetadataIndex, Loc] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self.tag = "latest" if checkpoint_id is None else os.fspath(checkpoint_id)
+        self.tag = self.default_tag if checkpoint_id is None else os.fspath(checkpoint_id)
         if self.tag != "latest":
             check_name(self.tag, "checkpoint_id")
 
@@ -138,10 +155,11 @@ class Reader(StorageReader):
 
     def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         locs = [self._loc(item) for item in plan.items]
-        needed = sorted({loc.file for loc in locs})
-        files = {name: file_tensors(buf, name) for name, buf in self._verified(needed).items()}
+        order = sorted(range(len(locs)), key=lambda i: locs[i].file)  # file by file
+        sizes = {n: int(r.get("size", 0)) for n, r in self.manifest.get("files", {}).items()}
+        files = _FilesInTurn(self._verified, [locs[i].file for i in order], sizes)
         blobs: dict[str, dict[str, Any]] = {}
-        for item, loc in zip(plan.items, locs, strict=True):
+        for item, loc in ((plan.items[i], locs[i]) for i in order):
             tensors, meta = files[loc.file]
             if item.type == LoadItemType.BYTE_IO:
                 if loc.file not in blobs:
@@ -186,12 +204,14 @@ class Reader(StorageReader):
         if self.allow_pickle:
             return data
         try:
-            obj = torch.load(io.BytesIO(data), weights_only=True)
+            with torch.serialization.safe_globals(self.safe_globals):
+                obj = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as e:  # the weights-only unpickler's refusals have no common type
             why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), "")
             raise SerializationError(
                 f"{loc.key} holds an object that needs full unpickling ({why or type(e).__name__}); "
-                "pass Reader(allow_pickle=True) if you trust this checkpoint"
+                "allow its class with Reader(safe_globals=[...]), or pass "
+                "Reader(allow_pickle=True) if you trust this checkpoint"
             ) from e
         out = io.BytesIO()
         torch.save(obj, out)
@@ -199,15 +219,53 @@ class Reader(StorageReader):
 
     def _verified(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Each named file of the checkpoint, whole, checked against the manifest as it is read
-        (the same reads as ``ckptd.load``: in place when local, never through a symbolic link,
-        else downloaded first)."""
+        (the same reads as ``ckptd.load``: straight into one buffer per file, by preadv from a
+        local copy, never through a symbolic link, or by concurrent ranged GETs)."""
         files = self.manifest.get("files", {})
         for name in names:
             if name not in files:
                 raise IntegrityError(f"{name} is not listed in the manifest of {self.tag}")
         loc = Located(self.url, self.tag, {**self.manifest, "files": {n: files[n] for n in names}})
-        with local_files(loc) as (base, parts):
-            return {n: read_verified(base, [*parts, n], files[n]) for n in names}
+        return read_tensors(loc, names)
+
+
+class _FilesInTurn:
+    """``file -> (tensors, meta)`` for a plan's files, asked for in sorted order: read (and
+    verified) a batch of about ``_BATCH_BYTES`` at a time, the previous batch dropped first, so
+    a restore holds at most one batch (or one file, if bigger) beside the state it fills."""
+
+    def __init__(
+        self,
+        read: Callable[[list[str]], dict[str, torch.Tensor]],
+        names: list[str],
+        sizes: dict[str, int],
+    ) -> None:
+        self._read = read
+        self._batches = iter(_batches(list(dict.fromkeys(names)), sizes, _BATCH_BYTES))
+        self._now: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+
+    def __getitem__(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        while name not in self._now:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise KeyError(name)
+            self._now = {}  # before the next read: the targets hold copies, not views
+            self._now = {n: file_tensors(buf, n) for n, buf in self._read(batch).items()}
+        return self._now[name]
+
+
+def _batches(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """``names`` in order, cut into runs of at most ``budget`` bytes (or one bigger file)."""
+    out: list[list[str]] = []
+    held = budget
+    for name in names:
+        size = sizes.get(name, 0)
+        if not out or held + size > budget:
+            out.append([])
+            held = 0
+        out[-1].append(name)
+        held += size
+    return out
 
 
 def _blobs(file: str, meta: dict[str, str]) -> dict[str, Any]:

@@ -29,14 +29,17 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..catalog import run_sync
 from ..client import Checkpointer
 from ..ddp import rank_and_world
-from ..errors import ConfigError, SaveError
+from ..errors import ConfigError, NotFoundError, SaveError, StorageError
 from ..fmt import DTYPES, check_tensor
 from ..header import FORMAT, encode_header
-from ..names import check_name
+from ..names import MANIFEST, check_name
 from ..protocol import CommitRequest, Committed, ErrorEvent
 from ..stager import copy_all
+from ..storage import join_key, open_store
+from .errors import CheckpointExistsError
 from .layout import (
     BYTES_KEY,
     METADATA,
@@ -80,11 +83,35 @@ def _staged_leaf(src: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     if isinstance(src, DTensor):
-        return DTensor.from_local(
-            view, src.device_mesh, src.placements, run_check=False, shape=src.shape,
-            stride=src.stride(),
-        )  # fmt: skip
+        return _staged_dtensor_class()(view, src._spec, requires_grad=False)
     return view
+
+
+def _rebuild_dtensor(local: torch.Tensor, spec: Any, requires_grad: bool) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+_STAGED_DTENSOR: Any = None
+
+
+def _staged_dtensor_class() -> Any:
+    """A DTensor that pickles as (local tensor, spec). DCP's process-mode ``async_save`` pickles
+    the staged state for its own process, and torch 2.13 crashes (SIGSEGV in
+    ``_share_fd_cpu_``) pickling a DTensor whose local tensor lies at an offset in shared
+    memory, which every staged DTensor but the first does. Pickled as a plain tensor, the view
+    is shared in place like any other; it unpickles as a plain ``DTensor``."""
+    global _STAGED_DTENSOR
+    if _STAGED_DTENSOR is None:
+        from torch.distributed.tensor import DTensor
+
+        class StagedDTensor(DTensor):
+            def __reduce_ex__(self, protocol: Any) -> Any:
+                return (_rebuild_dtensor, (self._local_tensor, self._spec, self.requires_grad))
+
+        _STAGED_DTENSOR = StagedDTensor
+    return _STAGED_DTENSOR
 
 
 def _signature(leaves: list[torch.Tensor]) -> tuple[Any, ...]:
@@ -150,14 +177,21 @@ class Writer(StorageWriter, AsyncStager):
         timeout: seconds a rank waits for its daemon to commit/upload its part.
         slots: staging slots per rank; with 2, the next ``async_save`` can stage while the last
             one is still being written.
+        checkpoint_id: the tag when ``dcp.save`` gets none (DCP's deprecated ``save_state_dict``
+            never passes one), like ``FileSystemWriter``'s path.
 
     With ``dcp.async_save`` the loop blocks only for ``stage()``: the copy of this rank's tensors
     into shared memory. Writing, uploading and the commit run in DCP's background thread.
 
-    Use DCP's default thread mode: the daemon already keeps serialization and I/O out of the
-    training process. Process mode works for plain tensors, but torch 2.13 crashes (SIGSEGV in
-    ``_share_fd_cpu_``) pickling a DTensor whose local shard is an offset view of shared memory,
-    which is what a staged DTensor is.
+    Prefer DCP's default thread mode: the daemon already keeps serialization and I/O out of the
+    training process. Process mode works too (DTensors included): the staged copy is shared with
+    DCP's process in place, that process writes it through its own daemon connection, and the
+    slot is released here once DCP's save thread has heard back from it.
+
+    A ``checkpoint_id`` that is already committed is refused before anything is written, with a
+    ``CheckpointExistsError`` (an ``AlreadyExistsError`` and a ``RuntimeError``, like
+    ``FileSystemWriter(overwrite=False)``'s) whose message starts "Checkpoint already exists";
+    DCP raises it wrapped in its ``CheckpointException``. ckptd has no ``overwrite``.
     """
 
     _synchronize_after_execute = False  # stage() returns a finished copy
@@ -171,6 +205,7 @@ class Writer(StorageWriter, AsyncStager):
         step: int | None = None,
         timeout: float = 3600.0,
         slots: int = 2,
+        checkpoint_id: str | None = None,
     ) -> None:
         super().__init__()
         self.run = check_name(run, "run")
@@ -178,7 +213,7 @@ class Writer(StorageWriter, AsyncStager):
         self.socket = socket
         self.step = step
         self.timeout = timeout
-        self.tag: str | None = None
+        self.tag = None if checkpoint_id is None else check_name(checkpoint_id, "checkpoint_id")
         self.is_coordinator = False
         self.rank, self.world = rank_and_world()
         self._slots = slots
@@ -192,10 +227,25 @@ class Writer(StorageWriter, AsyncStager):
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process-mode async_save sends the writer to its own process: the connection,
-        # slots and caches stay here, and that process opens its own.
+        # slots and caches stay here, and that process opens its own. This save's write_data and
+        # finish run there, so this side is done once the sending thread (DCP's save thread, which
+        # waits for that process's answer) ends: then the staged slot is free again.
         state = self.__dict__.copy()
         state.update(_client=None, _staged=None, _layouts={}, _idle=None)
+        if self._staged is not None and self._idle is not None:
+            self._hand_off(threading.current_thread())
         return state
+
+    def _hand_off(self, sender: threading.Thread) -> None:
+        staged, self._staged = self._staged, None
+
+        def release() -> None:
+            sender.join(self.timeout)
+            if self._client is not None:
+                self._client.arena.release(staged[0].index)
+            self._idle.set()
+
+        threading.Thread(target=release, name="ckptd-dcp-handoff", daemon=True).start()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -239,8 +289,42 @@ class Writer(StorageWriter, AsyncStager):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._refuse_existing()
         world = len(plans)
         return [dataclasses.replace(p, storage_data=(i, world)) for i, p in enumerate(plans)]
+
+    def _refuse_existing(self) -> None:
+        """On the coordinator, before any rank writes: a committed tag is never overwritten, and
+        DCP users expect to hear so up front (``FileSystemWriter`` checks in its plan too). The
+        daemon refuses again at the commit, so a save racing this one still cannot overwrite."""
+        assert self.tag is not None
+        info = self.client.daemon_info
+        base = self.store or info.get("store") or info.get("root")
+        if not base:
+            return
+        url = join_key(base, self.run) if "://" in base else os.path.join(base, self.run)
+
+        async def exists() -> bool:
+            async with open_store(url) as store:
+                try:
+                    await store.get_bytes(
+                        join_key("checkpoints", self.tag, MANIFEST), start=0, end=1
+                    )
+                except NotFoundError:
+                    return False
+                return True
+
+        try:
+            found = run_sync(exists())
+        except (StorageError, OSError) as e:  # e.g. only the daemon holds the store's credentials
+            log.debug("cannot look for %s@%s in %s from here (%s); the daemon checks at commit",
+                      self.run, self.tag, base, e)  # fmt: skip
+            return
+        if found:
+            raise CheckpointExistsError(
+                f"Checkpoint already exists: {self.run}@{self.tag} in {base} is committed and "
+                "ckptd never overwrites a checkpoint; save under a new checkpoint_id"
+            )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         fut: Future[list[WriteResult]] = Future()
