@@ -22,8 +22,7 @@ import json
 import logging
 import os
 import stat
-import tempfile
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -47,6 +46,7 @@ T = TypeVar("T")
 _CHUNK = 64 << 20
 _MAX_POINTER = 4096  # ``latest`` holds one tag
 _SHOW_TAGS = 20
+_PARTIAL = ".partial"  # ``ckptd restore`` writes ``.<name>.partial``, then links ``<name>``
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -253,22 +253,6 @@ def list_runs(url: str) -> list[str]:
     return run_sync(go())
 
 
-async def _fetch(
-    store: Store, manifest: dict[str, Any], into: str, progress: ProgressFn | None = None
-) -> None:
-    """Download a validated manifest's files into the fresh private directory ``into``.
-
-    ``get_file`` reports no progress of its own, so ``progress`` hears of each file once done."""
-    prefix = join_key("checkpoints", manifest["tag"])
-
-    async def one(name: str, rec: dict[str, Any]) -> None:
-        await store.get_file(join_key(prefix, name), os.path.join(into, name), size=rec["size"])
-        if progress is not None:
-            progress(rec["size"])
-
-    await asyncio.gather(*(one(n, r) for n, r in manifest["files"].items()))
-
-
 # ---- verify and restore ----------------------------------------------------------------------------
 
 
@@ -381,36 +365,28 @@ def _total(manifest: dict[str, Any]) -> int:
     return sum(int(rec["size"]) for rec in manifest["files"].values())
 
 
-@contextlib.contextmanager
-def local_files(loc: Located) -> Iterator[tuple[str, list[str]]]:
-    """The checkpoint's files on this machine: in place when local, else downloaded first."""
-    if loc.directory is not None or is_local(loc.url):
-        yield loc.source()
-        return
-    with tempfile.TemporaryDirectory(prefix="ckptd-fetch-") as tmp:
-
-        async def go(progress: Progress) -> None:
-            async with open_store(loc.url) as store:
-                await _fetch(store, loc.manifest, tmp, progress)
-
-        with Progress(_total(loc.manifest), f"download {loc.url}@{loc.tag}") as p:
-            run_sync(go(p))
-        yield tmp, []
-
-
 def verify(url: str, tag: str = "latest") -> Located:
     """Check every file of a checkpoint against its manifest; raises ``IntegrityError``."""
     return _check_located(_locate(url, tag))
 
 
 def _check_located(loc: Located) -> Located:
-    """Verify ``loc``'s files (downloading them first when remote); errors name the checkpoint."""
-    with local_files(loc) as (base, parts):
+    """Verify ``loc``'s files (streamed from the store when remote); errors name the checkpoint."""
+    if loc.directory is None and not is_local(loc.url):
+        from .readinto import verify_store_copy  # it reads through this module's open_listed
+
         try:
             with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
-                _verify_dir(base, parts, loc.manifest, p)
+                verify_store_copy(loc, p)
         except IntegrityError as e:
             raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
+        return loc
+    base, parts = loc.source()
+    try:
+        with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
+            _verify_dir(base, parts, loc.manifest, p)
+    except IntegrityError as e:
+        raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
     return loc
 
 
@@ -418,17 +394,13 @@ def _verify_dir(
     base: str, parts: list[str], manifest: dict[str, Any], progress: ProgressFn | None = None
 ) -> None:
     for name, rec in manifest["files"].items():
-        _copy_checked(base, [*parts, name], rec, None, progress)
+        _check_file(base, [*parts, name], rec, progress)
 
 
-def _copy_checked(
-    base: str,
-    parts: list[str],
-    rec: dict[str, Any],
-    out: int | None,
-    progress: ProgressFn | None = None,
+def _check_file(
+    base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
 ) -> None:
-    """Read one listed file, checking size and CRC32C; with ``out``, write it there too."""
+    """Read one listed file, checking size and CRC32C."""
     name = parts[-1]
     value = 0
     with open_listed(base, parts, rec) as f:
@@ -436,10 +408,6 @@ def _copy_checked(
             value = crc32c.crc32c(chunk, value)
             if progress is not None:
                 progress(len(chunk))
-            if out is not None:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
     if f"{value:08x}" != rec["crc32c"].lower():
         raise IntegrityError(
             f"{name}: CRC32C {value:08x} does not match the manifest's {rec['crc32c']}"
@@ -460,29 +428,46 @@ def check_dest(dest: str) -> None:
 
 def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
     """Copy a verified checkpoint (files + MANIFEST.json) into ``dest``, a new or empty local
-    directory. Every file is created there exclusively (``O_EXCL|O_NOFOLLOW``): nothing that
-    appears in ``dest`` meanwhile, link or file, is followed or overwritten. The manifest is
-    written last, so a failed restore leaves no directory that looks like a checkpoint."""
+    directory, each file streamed straight to its place (``readinto.copy_files``: concurrent
+    ranged reads from a store, or large reads of a local copy, CRC32C checked on the fly, no
+    temporary copy). Every file is written as ``.<name>.partial``, created exclusively
+    (``O_EXCL|O_NOFOLLOW``), and linked to its name only once it has verified and is on disk;
+    nothing that appears in ``dest`` meanwhile, link or file, is followed or overwritten. The
+    manifest is written last, so an interrupted restore leaves no directory that looks like a
+    checkpoint, and a failed one removes what it created."""
+    from .readinto import Source, copy_files  # it reads through this module's open_listed
+
     check_dest(dest)
     loc = _locate(url, tag)
     label = f"restore {loc.url}@{loc.tag}"
-    with (
-        local_files(loc) as (base, parts),
-        _dest_dir(dest) as d,
-        Progress(_total(loc.manifest), label) as progress,
-    ):
-        created: list[str] = []
+    with _dest_dir(dest) as d, Progress(_total(loc.manifest), label) as progress:
+        created: list[str] = []  # names this restore created itself, exclusively
+
+        @contextlib.asynccontextmanager
+        async def opened(name: str) -> AsyncIterator[int]:
+            partial = f".{name}{_PARTIAL}"
+            out = _create(d, partial, dest)
+            created.append(partial)
+            try:
+                yield out
+                await asyncio.to_thread(os.fsync, out)
+            finally:
+                os.close(out)
+            _publish(d, partial, name, dest)
+            created.append(name)
+
+        async def go() -> None:
+            src = Source.of(loc)
+            try:
+                await copy_files(src, list(loc.manifest["files"]), opened, progress)
+            finally:
+                await src.close()
+
         try:
-            for name, rec in loc.manifest["files"].items():
-                out = _create(d, name, dest)
-                created.append(name)
-                try:
-                    _copy_checked(base, [*parts, name], rec, out, progress)
-                    os.fsync(out)
-                except IntegrityError as e:
-                    raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
-                finally:
-                    os.close(out)
+            try:
+                run_sync(go())
+            except IntegrityError as e:
+                raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
             out = _create(d, MANIFEST, dest)
             created.append(MANIFEST)
             try:
@@ -491,12 +476,24 @@ def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
             finally:
                 os.close(out)
         except BaseException:
-            for name in created:  # only what this restore created itself, exclusively
+            for name in created:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=d)
             raise
         os.fsync(d)
     return loc
+
+
+def _publish(d: int, partial: str, name: str, dest: str) -> None:
+    """Give a verified ``partial`` its listed ``name`` without replacing anything there: a hard
+    link fails if ``name`` exists (``rename`` would overwrite it), then the partial name goes."""
+    try:
+        os.link(partial, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
+    except FileExistsError as e:
+        raise ConfigError(f"{dest}/{name} appeared during the restore; nothing overwritten") from e
+    except OSError as e:
+        raise _os_error(f"{dest}/{name}", e) from e
+    os.unlink(partial, dir_fd=d)
 
 
 @contextlib.contextmanager

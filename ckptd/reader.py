@@ -7,6 +7,13 @@ stale or names a checkpoint that fails verification, the newest verifying manife
 store) with ``catalog.open_newest``: the newest checkpoint that verifies in any of them.
 Nothing is ever unpickled: tensors come from safetensors data sections, the rest from JSON and
 msgpack.
+
+Files are read straight into the memory of what they become (``ckptd.readinto``): one buffer
+per file, filled by preadv or concurrent ranged GETs, CRC32C checked as parts land, tensors
+viewed from it; ``restore_into`` reads local weights into the module's own parameters
+(``ckptd.intomodule``). ``load`` of a store URL reads this node's daemon root when it holds the
+identical checkpoint (``ckptd.localfirst``), and ranks of a node can share one download
+(``ckptd.nodecache``, opt-in).
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import json
 import logging
 from typing import Any
 
-import crc32c
 import msgpack
 import torch
 
@@ -24,10 +30,8 @@ from .catalog import (
     copy_checkpoint,
     list_checkpoints,
     list_runs,
-    local_files,
     locate_newest,
     normalize_url,
-    open_listed,
     open_newest,
     run_sync,
     split_tag,
@@ -41,9 +45,13 @@ from .errors import (
     SerializationError,
 )
 from .fmt import TORCH_DTYPES, decode_header
+from .intomodule import read_into_module
+from .localfirst import daemon_places, local_twin
 from .names import check_name, named
+from .nodecache import discard, node_copy
 from .progress import Progress
-from .storage import ProgressFn
+from .readinto import Source, read_file, read_files
+from .storage import ProgressFn, is_local
 from .tree import unflatten
 
 __all__ = [
@@ -60,7 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("ckptd.reader")
-_CHUNK = 64 << 20
 _MAX_EXTRA = 256 << 20
 """extra.msgpack holds plain data (tensors go to extra.safetensors): this is generous."""
 
@@ -71,32 +78,6 @@ _DECODE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, R
 
 
 # ---- reading files ---------------------------------------------------------------------------
-
-
-def read_verified(
-    base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
-) -> torch.Tensor:
-    """The file ``base/parts...`` whole as a uint8 tensor, after checking size and CRC32C; it is
-    never reached through a symbolic link (see ``catalog.open_listed``)."""
-    name = parts[-1]
-    size = rec["size"]
-    with open_listed(base, parts, rec) as f:
-        buf = torch.empty(size, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        value = 0
-        pos = 0
-        while pos < size:
-            n = f.readinto(view[pos : pos + _CHUNK])  # type: ignore[attr-defined]
-            if not n:
-                raise IntegrityError(f"{name}: file ended at byte {pos} of {size}")
-            value = crc32c.crc32c(view[pos : pos + n], value)
-            pos += n
-            if progress is not None:
-                progress(n)
-    want = rec["crc32c"].lower()
-    if f"{value:08x}" != want:
-        raise IntegrityError(f"{name}: CRC32C {value:08x} does not match the manifest's {want}")
-    return buf
 
 
 def file_tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -182,29 +163,38 @@ def _decode_file(
         extra["skeleton"] = _unpack_extra(bytes(buf.numpy()))
 
 
-def _load_dir(
-    base: str,
-    parts: list[str],
-    manifest: dict[str, Any],
-    map_location: Any,
-    progress: ProgressFn | None = None,
+def read_tensors(
+    loc: Located, names: list[str], progress: ProgressFn | None = None
+) -> dict[str, torch.Tensor]:
+    """The listed files ``names`` of ``loc``, each whole in one uint8 tensor allocated once and
+    filled in place (``readinto``: local preadv or concurrent ranged GETs, CRC32C checked as the
+    parts land). The tensors a file holds are then views of its buffer: no second copy."""
+    bufs: dict[str, torch.Tensor] = {}
+
+    def alloc(name: str, size: int) -> memoryview:
+        bufs[name] = torch.empty(size, dtype=torch.uint8)
+        return memoryview(bufs[name].numpy())
+
+    async def go() -> None:
+        src = Source.of(loc)
+        try:
+            await read_files(src, names, alloc, progress)
+        finally:
+            await src.close()
+
+    run_sync(go())
+    return bufs
+
+
+def _decode_checkpoint(
+    bufs: dict[str, torch.Tensor], manifest: dict[str, Any], map_location: Any
 ) -> dict[str, Any]:
-    """Load a validated manifest's files from ``base/parts...`` (a local checkpoint)."""
+    """Decode a validated manifest's verified files (``read_tensors``) into plain state."""
     result: dict[str, Any] = {"optimizers": {}}
     extra: dict[str, Any] = {"tensors": {}}
-    for name, rec in manifest["files"].items():
-        buf = read_verified(base, [*parts, name], rec, progress)
-        try:
-            _decode_file(name, buf, result, extra)
-        except IntegrityError:
-            raise
-        except (CkptdError, *_DECODE_ERRORS) as e:
-            raise IntegrityError(f"{name}: malformed content: {e!r}") from e
-    try:
-        skel = extra.get("skeleton")
-        result["extra"] = None if skel is None else unflatten(skel, extra["tensors"])
-    except (CkptdError, *_DECODE_ERRORS) as e:
-        raise IntegrityError(f"extra.msgpack: malformed content: {e!r}") from e
+    for name in manifest["files"]:
+        _decode_checked(name, bufs.pop(name), result, extra)
+    result["extra"] = _assemble_extra(extra)
     if "model" in result["optimizers"]:
         result["optimizer"] = result["optimizers"]["model"]
     result["meta"] = manifest
@@ -213,16 +203,89 @@ def _load_dir(
     return result
 
 
-def _to_device(obj: Any, device: Any) -> Any:
+def _decode_checked(
+    name: str, buf: torch.Tensor, result: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    try:
+        _decode_file(name, buf, result, extra)
+    except IntegrityError:
+        raise
+    except (CkptdError, *_DECODE_ERRORS) as e:
+        raise IntegrityError(f"{name}: malformed content: {e!r}") from e
+
+
+def _assemble_extra(extra: dict[str, Any]) -> Any:
+    try:
+        skel = extra.get("skeleton")
+        return None if skel is None else unflatten(skel, extra["tensors"])
+    except (CkptdError, *_DECODE_ERRORS) as e:
+        raise IntegrityError(f"extra.msgpack: malformed content: {e!r}") from e
+
+
+def _to_device(obj: Any, device: Any, non_blocking: bool = False) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
+        return [_to_device(v, device, non_blocking) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
+        return tuple(_to_device(v, device, non_blocking) for v in obj)
     return obj
+
+
+def _is_cuda(map_location: Any) -> bool:
+    if map_location is None or isinstance(map_location, dict) or callable(map_location):
+        return False
+    try:
+        return torch.device(map_location).type == "cuda" and torch.cuda.is_available()
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _load_to_cuda(loc: Located, device: Any, progress: ProgressFn) -> dict[str, Any]:
+    """``load`` onto a GPU: each file is read into a pinned host buffer and, as soon as it has
+    verified, its tensors are copied to the device on a side stream (``non_blocking``), while
+    the next files are still being read. The caller's stream waits for the copies at the end,
+    and the pinned buffers are kept until then (a pending copy still reads them)."""
+    dev = torch.device(device)
+    stream = torch.cuda.Stream(dev)
+    pinned: dict[str, torch.Tensor] = {}
+    keep: list[torch.Tensor] = []
+    result: dict[str, Any] = {"optimizers": {}}
+    extra: dict[str, Any] = {"tensors": {}}
+
+    def alloc(name: str, size: int) -> memoryview:
+        pinned[name] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return memoryview(pinned[name].numpy())
+
+    def done(name: str) -> None:
+        buf = pinned.pop(name)
+        keep.append(buf)
+        part: dict[str, Any] = {"optimizers": {}}
+        _decode_checked(name, buf, part, extra)
+        with torch.cuda.stream(stream):
+            moved = _to_device(part, dev, non_blocking=True)
+        result["optimizers"].update(moved.pop("optimizers"))
+        result.update(moved)
+
+    async def go() -> None:
+        src = Source.of(loc)
+        try:
+            await read_files(src, list(loc.manifest["files"]), alloc, progress, done)
+        finally:
+            await src.close()
+
+    run_sync(go())
+    with torch.cuda.stream(stream):
+        result["extra"] = _to_device(_assemble_extra(extra), dev, non_blocking=True)
+    torch.cuda.current_stream(dev).wait_stream(stream)
+    stream.synchronize()  # then the pinned buffers may go
+    keep.clear()
+    if "model" in result["optimizers"]:
+        result["optimizer"] = result["optimizers"]["model"]
+    result["meta"] = loc.manifest
+    return result
 
 
 def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
@@ -234,11 +297,37 @@ def _refuse_sharded(manifest: dict[str, Any], where: str) -> None:
         )
 
 
-def _load_located(loc: Located, map_location: Any) -> dict[str, Any]:
+def _load_located(
+    loc: Located, map_location: Any, places: tuple[str, str | None] | None = None
+) -> dict[str, Any]:
+    """Read and decode ``loc``; from this node's daemon root when it holds the very same
+    checkpoint (``ckptd.localfirst``), falling back to the store when that copy fails."""
     _refuse_sharded(loc.manifest, loc.url)
+    twin = local_twin(loc, places)
+    if twin is not None:
+        try:
+            return _read_decode(twin, map_location, f"{loc.url}@{loc.tag} (local copy)")
+        except IntegrityError as e:
+            log.warning("the local copy %s does not verify (%s); reading the store", twin.url, e)
+    with node_copy(loc) as cached:
+        if cached is not None:
+            try:
+                return _read_decode(cached, map_location, f"{loc.url}@{loc.tag} (node cache)")
+            except IntegrityError as e:
+                log.warning(
+                    "node cache copy %s does not verify (%s); reading the store", cached.url, e
+                )
+                discard(cached)
+    return _read_decode(loc, map_location, f"{loc.url}@{loc.tag}")
+
+
+def _read_decode(loc: Located, map_location: Any, label: str) -> dict[str, Any]:
     total = sum(int(rec["size"]) for rec in loc.manifest["files"].values())
-    with local_files(loc) as (base, parts), Progress(total, f"load {loc.url}@{loc.tag}") as p:
-        return _load_dir(base, parts, loc.manifest, map_location, p)
+    with Progress(total, f"load {label}") as p:
+        if _is_cuda(map_location):
+            return _load_to_cuda(loc, map_location, p)
+        bufs = read_tensors(loc, list(loc.manifest["files"]), p)
+    return _decode_checkpoint(bufs, loc.manifest, map_location)
 
 
 def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, Any]:
@@ -249,17 +338,27 @@ def load(url: str, tag: str = "latest", map_location: Any = "cpu") -> dict[str, 
     saved with ``models={name: ...}`` appear under their names; all optimizer states are under
     ``"optimizers"`` by model name (and the default one also as ``"optimizer"``).
     """
-    found = _load_best([url], tag, map_location, fall_back=False)
+    places = None if is_local(url) else daemon_places()
+    found = _load_best([url], tag, map_location, fall_back=False, places=places)
     if found is None:
         raise NotFoundError(f"no complete checkpoint in {normalize_url(url)[0]}")
     return found[1]
 
 
 def _load_best(
-    urls: list[str], tag: str, map_location: Any, *, fall_back: bool
+    urls: list[str],
+    tag: str,
+    map_location: Any,
+    *,
+    fall_back: bool,
+    places: tuple[str, str | None] | None = None,
 ) -> tuple[Located, dict[str, Any]] | None:
     """The newest checkpoint over ``urls`` that loads (``catalog.open_newest``), loaded."""
-    return open_newest(urls, tag, lambda loc: _load_located(loc, map_location), fall_back=fall_back)
+
+    def read(loc: Located) -> dict[str, Any]:
+        return _load_located(loc, map_location, places)
+
+    return open_newest(urls, tag, read, fall_back=fall_back)
 
 
 def load_newest(
@@ -291,26 +390,123 @@ def restore_into(
     None: no location has a checkpoint yet. A named ``tag`` that no location has raises
     ``NotFoundError``; checkpoints none of which verifies, ``IntegrityError`` (a fresh start
     would lose them).
+
+    File by file, so that the state is never held twice: each weights file is read (from a
+    local copy straight into the module's own tensors, see ``ckptd.intomodule``), verified and
+    applied before the next is read; optimizer states keep the tensors read for them. A file
+    that fails verification may already have been applied: the fallback to an older checkpoint
+    applies that one over it, and when none verifies the objects are left partly restored.
     """
     all_models, all_optims = named(model, models), named(optimizer, optimizers)
-    found = _load_best(urls, tag, map_location, fall_back=True)
+
+    def apply(loc: Located) -> Any:
+        return _apply_located(loc, all_models, all_optims, strict, map_location)
+
+    found = open_newest(urls, tag, apply, fall_back=True)
     if found is None:
         return None
-    loc, state = found
-    for name, obj in all_models.items():
-        if name not in state:
-            raise SerializationError(
-                f"checkpoint {loc.tag} has no model {name!r} (has {_model_names(state)})"
-            )
-        obj.load_state_dict(state[name], strict=strict) if isinstance(
-            obj, torch.nn.Module
-        ) else obj.update(state[name])
-    for name, opt in all_optims.items():
-        if name not in state["optimizers"]:
-            raise SerializationError(f"checkpoint {loc.tag} has no optimizer state for {name!r}")
-        opt.load_state_dict(state["optimizers"][name])
+    loc, extra = found
     log.info("restored %s@%s (step %s)", loc.url, loc.tag, loc.manifest.get("step"))
-    return {**loc.manifest, "extra": state["extra"], "url": loc.url}
+    return {**loc.manifest, "extra": extra, "url": loc.url}
+
+
+def _apply_located(
+    loc: Located,
+    all_models: dict[str, Any],
+    all_optims: dict[str, Any],
+    strict: bool,
+    map_location: Any,
+) -> Any:
+    """Read, verify and apply ``loc`` to the objects one file at a time; returns its extra."""
+    _refuse_sharded(loc.manifest, loc.url)
+    files: dict[str, Any] = loc.manifest["files"]
+    have = [n[: -len(".weights.safetensors")] for n in files if n.endswith(".weights.safetensors")]
+    for name in all_models:
+        if f"{name}.weights.safetensors" not in files:
+            raise SerializationError(f"checkpoint {loc.tag} has no model {name!r} (has {have})")
+    for name in all_optims:
+        if f"{name}.optim.safetensors" not in files:
+            raise SerializationError(f"checkpoint {loc.tag} has no optimizer state for {name!r}")
+    with node_copy(loc) as cached:
+        if cached is not None:
+            try:
+                return _apply_from(cached, all_models, all_optims, strict, map_location)
+            except IntegrityError as e:
+                log.warning(
+                    "node cache copy %s does not verify (%s); reading the store", cached.url, e
+                )
+                discard(cached)
+    return _apply_from(loc, all_models, all_optims, strict, map_location)
+
+
+def _apply_from(
+    loc: Located,
+    all_models: dict[str, Any],
+    all_optims: dict[str, Any],
+    strict: bool,
+    map_location: Any,
+) -> Any:
+    files: dict[str, Any] = loc.manifest["files"]
+    on_cpu = map_location is None or str(map_location) == "cpu"
+    total = sum(int(rec["size"]) for rec in files.values())
+    # Weights first, each dropped once applied; optimizer states then keep their buffers.
+    order = sorted(files, key=lambda n: (not n.endswith(".weights.safetensors"), n))
+    extra: dict[str, Any] = {"tensors": {}}
+
+    async def go(progress: Progress) -> None:
+        src = Source.of(loc)  # one event loop for all files: the store's client lives in it
+        try:
+            for fname in order:
+                await _apply_file(src, fname, all_models, all_optims, strict, on_cpu,
+                                  map_location, extra, progress)  # fmt: skip
+        finally:
+            await src.close()
+
+    with Progress(total, f"restore {loc.url}@{loc.tag}") as p:
+        run_sync(go(p))
+    return _assemble_extra(extra)
+
+
+async def _apply_file(
+    src: Source,
+    fname: str,
+    all_models: dict[str, Any],
+    all_optims: dict[str, Any],
+    strict: bool,
+    on_cpu: bool,
+    map_location: Any,
+    extra: dict[str, Any],
+    progress: ProgressFn,
+) -> None:
+    rec = src.loc.manifest["files"][fname]
+    model_name = fname[: -len(".weights.safetensors")]
+    obj = all_models.get(model_name) if fname.endswith(".weights.safetensors") else None
+    if isinstance(obj, torch.nn.Module) and on_cpu and src.store is None:
+        tensors, meta = await read_into_module(src, fname, rec, obj, progress)
+        try:
+            state = _decode_model(tensors, meta)
+        except (CkptdError, *_DECODE_ERRORS) as e:
+            raise IntegrityError(f"{fname}: malformed content: {e!r}") from e
+        obj.load_state_dict(state, strict=strict)
+        return
+    buf = torch.empty(int(rec["size"]), dtype=torch.uint8)
+    await read_file(src, fname, rec, memoryview(buf.numpy()), progress)
+    result: dict[str, Any] = {"optimizers": {}}
+    _decode_checked(fname, buf, result, extra)
+    del buf  # a weights file's buffer goes once applied; an optimizer state keeps its views
+    if not on_cpu:
+        result = _to_device(result, map_location)
+    for name, state in result.items():
+        if name == "optimizers":
+            for oname, ostate in state.items():
+                if oname in all_optims:
+                    all_optims[oname].load_state_dict(ostate)
+        elif name in all_models:
+            target = all_models[name]
+            if isinstance(target, torch.nn.Module):
+                target.load_state_dict(state, strict=strict)
+            else:
+                target.update(state)
 
 
 def _model_names(state: dict[str, Any]) -> list[str]:

@@ -53,3 +53,23 @@ def test_cuda_state_round_trips_and_the_fence_orders_the_next_step(daemon) -> No
         {k: v.cpu() for k, v in fresh.state_dict().items()},
         {k: v.cpu() for k, v in expect["m"].items()},
     )
+
+
+def test_load_onto_the_gpu_through_pinned_buffers_is_bitwise_equal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``load(map_location="cuda")`` reads each file into pinned memory and copies it on a side
+    stream while the next files are read: the result is on the GPU and equal to the CPU load."""
+    from tests.test_read_into import checkpoint_files, put, same, trained
+
+    net, opt = trained(11)
+    url = str(tmp_path / "run")
+    put(url, "s11", 11, checkpoint_files(net, opt, 11))
+    on_cpu = ckptd.load(url)
+    on_gpu = ckptd.load(url, map_location="cuda")
+    assert all(t.is_cuda for t in on_gpu["model"].values())
+    assert all(
+        v.is_cuda for s in on_gpu["optimizer"]["state"].values() for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )  # fmt: skip
+    same(_to_device(on_gpu["model"], "cpu"), on_cpu["model"])
+    same(_to_device(on_gpu["optimizer"], "cpu"), on_cpu["optimizer"])
+    same(_to_device(on_gpu["extra"], "cpu"), on_cpu["extra"])

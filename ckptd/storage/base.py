@@ -20,10 +20,16 @@ from typing import Any
 import crc32c as _crc32c
 
 from ..atomic import temp_name, write_atomic
-from ..errors import IntegrityError, TransientStorageError
+from ..errors import IntegrityError, NotFoundError, TransientStorageError
+from .capabilities import FULL, Capabilities
 
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just transferred (a delta, not a total)."""
+
+READ_PART = 16 << 20
+"""Bytes per ranged read of ``Store.read_into``: big enough to amortize a request, small enough
+that many are in flight for one file (and that a retry re-reads little)."""
+READ_CONCURRENCY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,9 @@ class Store(abc.ABC):
     """An object store rooted at ``url``. Safe to share between tasks of one event loop."""
 
     url: str
+    pace: Callable[[int], Awaitable[None]] | None = None
+    """Awaited with each part's (or small file's) size just before it is sent: the daemon's
+    shared upload bandwidth limit (``ckptd.daemon.bandwidth``). None: full speed."""
 
     @abc.abstractmethod
     async def check_access(self) -> None:
@@ -75,6 +84,45 @@ class Store(abc.ABC):
     async def get_file(self, key: str, path: str, *, size: int | None = None) -> None:
         """Download ``key`` into the local file ``path`` (concurrent ranged reads where possible)."""
 
+    async def read_into(
+        self,
+        key: str,
+        buf: memoryview,
+        *,
+        offset: int = 0,
+        total: int | None = None,
+        concurrency: int | None = None,
+        part_size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        """Read ``len(buf)`` bytes of ``key`` from ``offset`` straight into ``buf``; return their
+        CRC32C, computed as the parts arrive (several parts in flight at once).
+
+        No temporary file and no object-sized ``bytes``: each part lands in its slice of ``buf``.
+        ``NotFoundError`` if absent; ``IntegrityError`` if the object ends before
+        ``offset + len(buf)`` or, with ``total``, is not exactly ``total`` bytes long. This
+        generic version reads ranges with ``get_bytes``; backends override it to stream.
+        """
+        if total is not None:
+            await self._check_total(key, offset + len(buf), total)
+
+        async def fetch(start: int, view: memoryview) -> None:
+            data = await self.get_bytes(key, start=start, end=start + len(view))
+            if len(data) != len(view):
+                raise IntegrityError(f"{key}: object ended before byte {start + len(view)}")
+            view[:] = data
+
+        return await read_ranges_into(
+            buf, offset, part_size or READ_PART, concurrency or READ_CONCURRENCY, fetch, progress
+        )
+
+    async def _check_total(self, key: str, end: int, total: int) -> None:
+        objs = [o for o in await self.list(key) if o.key == key]
+        if not objs:
+            raise NotFoundError(f"{self.url}/{key}")
+        if objs[0].size != total:
+            raise IntegrityError(f"{key}: object is {objs[0].size} bytes, expected {total}")
+
     @abc.abstractmethod
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, sorted by key."""
@@ -86,6 +134,11 @@ class Store(abc.ABC):
     async def abort_stale_uploads(self, prefix: str, older_than_s: float) -> int:
         """Abort unfinished multipart/resumable uploads under ``prefix``; returns how many."""
         return 0
+
+    async def capabilities(self) -> Capabilities:
+        """What this store really does (probed once, then cached, where a backend can lack
+        features); the writes consult it to pick their fallbacks."""
+        return FULL
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""
@@ -251,3 +304,85 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+# -- reading straight into memory (Store.read_into) ---------------------------------------------
+
+
+def part_spans(size: int, part: int) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into ``(start, end)`` pieces of ``part`` bytes (the last may be short)."""
+    return [(a, min(a + part, size)) for a in range(0, size, part)]
+
+
+def combine_crcs(crcs: list[tuple[int, int]]) -> int:
+    """CRC32C of consecutive pieces given ``(crc, length)`` of each, in order."""
+    value = 0
+    for crc, n in crcs:
+        value = crc32c_combine(value, crc, n)
+    return value
+
+
+async def read_ranges_into(
+    buf: memoryview,
+    offset: int,
+    part: int,
+    concurrency: int,
+    fetch: Callable[[int, memoryview], Awaitable[int | None]],
+    progress: ProgressFn | None = None,
+    slots: asyncio.Semaphore | None = None,
+) -> int:
+    """Fill ``buf`` from object bytes ``[offset, offset + len(buf))`` in parts, up to
+    ``concurrency`` at once (and, with ``slots``, within the store's own limit): ``fetch(start,
+    view)`` fills ``view`` with the object's bytes from ``start`` (or raises). Each part's CRC32C
+    is computed in a worker thread as soon as it has arrived (the ``crc32c`` package releases
+    the GIL), overlapping the other parts' downloads; the CRCs are combined in order. A
+    ``fetch`` that returns an int has computed the part's CRC32C itself (a local read does it
+    in the thread that read it, while the part is still in the CPU's cache)."""
+    buf = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+    spans = part_spans(len(buf), max(1, part))
+    if not spans:
+        return 0
+    crcs: list[tuple[int, int]] = [(0, 0)] * len(spans)
+    todo = iter(range(len(spans)))
+
+    async def worker() -> None:
+        for i in todo:
+            a, b = spans[i]
+            view = buf[a:b]
+            if slots is None:
+                crc = await fetch(offset + a, view)
+            else:
+                async with slots:
+                    crc = await fetch(offset + a, view)
+            if crc is None:
+                crc = await asyncio.to_thread(_crc32c.crc32c, view)
+            crcs[i] = (crc, b - a)
+            if progress is not None:
+                progress(b - a)
+
+    await run_all([worker() for _ in range(min(concurrency, len(spans)))])
+    return combine_crcs(crcs)
+
+
+def parse_content_range(value: str | None) -> int | None:
+    """The object's total size from a ``Content-Range: bytes A-B/TOTAL`` header, if stated."""
+    if not value or "/" not in value:
+        return None
+    tail = value.rsplit("/", 1)[1].strip()
+    return int(tail) if tail.isdigit() else None
+
+
+async def fill_from_stream(
+    read: Callable[[int], Awaitable[bytes]], view: memoryview, what: str
+) -> None:
+    """Copy a response body into ``view`` chunk by chunk as it arrives (``read(n)`` returns at
+    most ``n`` bytes, ``b""`` at the end): the one copy from the socket's buffers, no big bytes.
+    A body that ends early is a ``TransientStorageError`` (a cut connection: retry the part)."""
+    pos = 0
+    n = len(view)
+    while pos < n:
+        chunk = await read(min(n - pos, 1 << 20))
+        if not chunk:
+            raise TransientStorageError(f"{what}: body ended at byte {pos} of {n}")
+        view[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)

@@ -100,6 +100,30 @@ class MemoryStore(Store):
 
         await asyncio.to_thread(write)
 
+    async def read_into(
+        self,
+        key: str,
+        buf: memoryview,
+        *,
+        offset: int = 0,
+        total: int | None = None,
+        concurrency: int | None = None,
+        part_size: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        try:
+            data = self._objects[key]
+        except KeyError:
+            raise NotFoundError(f"{self.url}/{key}") from None
+        end = offset + len(buf)
+        if (total is not None and len(data) != total) or len(data) < end:
+            raise IntegrityError(f"{self.url}/{key}: {len(data)} bytes, expected {total or end}")
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        view[:] = memoryview(data)[offset:end]
+        if progress:
+            progress(len(view))
+        return await asyncio.to_thread(_crc32c.crc32c, view)
+
     async def list(self, prefix: str) -> list[ObjectInfo]:
         return sorted(
             (ObjectInfo(k, len(v)) for k, v in list(self._objects.items()) if k.startswith(prefix)),
