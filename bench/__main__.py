@@ -30,8 +30,10 @@ from .report import (
     RAW,
     Case,
     Results,
+    load_average,
     machine_meta,
 )
+from .restore import run_restore
 from .states import State, free, gpt_state, small_state
 
 BLOCK = "blocking per save"
@@ -70,7 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="sizes (GB) to run the upload section for; default: the smallest ('none' to skip)",
     )
-    p.add_argument("--quick", action="store_true", help="smoke check: 0.1 GB, 1 repeat, <1 min")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="run only the restore section (issue 16); the full run includes it",
+    )
+    p.add_argument("--no-restore", action="store_true", help="skip the restore section")
+    p.add_argument(
+        "--restore-sizes",
+        default=None,
+        help="state sizes (GB) of the restore section (default 0.5,1.5; --quick: 0.05)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: 0.1 GB (restore 0.05 GB), 1 repeat, ~2 min",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dir", default=None, help="work directory parent (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -80,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.repeats, args.small, args.loop_saves = "0.1", 1, "10000", 2
         args.dtypes = "fp32"
+        args.restore_sizes = args.restore_sizes or "0.05"
+    if args.restore and args.no_restore:
+        p.error("--restore and --no-restore exclude each other")
+    args.restore_list = _size_subset(args.restore_sizes or "0.5,1.5", [])
+    if args.no_restore:
+        args.restore_list = []
+    if args.restore:
+        args.sizes, args.small = "", "none"
     args.size_list = [float(s) for s in args.sizes.split(",") if s]
     args.dtype_list = [d for d in args.dtypes.split(",") if d]
     for d in args.dtype_list:
@@ -421,7 +446,20 @@ def main(argv: list[str] | None = None) -> int:
                 del state
                 gc.collect()
         bench.goals(gpt_cases, small_case)
+        for size in args.restore_list:
+            if args.device != "cpu":
+                log("restore section: CPU only so far; skipped on --device cuda")
+                break
+            log(f"restore: building a {size:g} GB fp32 state")
+            state = gpt_state(size, "fp32", "cpu")
+            try:
+                run_restore(infra, state, args.repeats, res)
+            finally:
+                free(state)
+                del state
+                gc.collect()
         res.meta["wall_s"] = round(time.monotonic() - t_start, 1)
+        res.meta["load_end"] = load_average()
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(res.to_json())

@@ -114,6 +114,9 @@ class Results:
         out.append(f"  torch {m.get('torch', '')}, python {m.get('python', '')}")
         out.append(f"  disk: {m.get('disk', '')}")
         out.append(f"  repeats: {m.get('repeats', '')} (medians; min..max in brackets)")
+        if "load" in m:
+            end = f", at the end {m['load_end']}" if "load_end" in m else ""
+            out.append(f"  load average (1/5/15 min): at the start {m['load']}{end}")
         for c in self.cases:
             rows = [r for r in self.rows if r.case == c.name]
             if not rows:
@@ -232,7 +235,13 @@ def machine_meta(args: Any, work_dir: str) -> dict[str, Any]:
         "disk": _disk(work_dir),
         "repeats": args.repeats,
         "gpu": gpu,
+        "load": load_average(),
     }
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: above the CPU count, other work shared the machine."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _disk(path: str) -> str:
@@ -270,5 +279,6 @@ __all__ = [
     "RAW",
     "Case",
     "Results",
+    "load_average",
     "machine_meta",
 ]

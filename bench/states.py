@@ -63,6 +63,7 @@ class State:
     ntensors: int
     params: int
     shape: str
+    spec: tuple[Any, ...] = ()  # how to build it again (``build``), e.g. in a child process
 
     def snapshot(self) -> dict[str, Any]:
         """What a loop hands ``torch.save``/DCP: the two state dicts."""
@@ -152,7 +153,9 @@ def gpt_state(size_gb: float, dtype: str, device: str | torch.device, seed: int 
     model.to(DTYPES[dtype])
     model.lm_head.weight = model.wte.weight  # tied, as in GPT-2
     shape = f"GPT-2-like V={vocab} d={d} L={depth}"
-    return _finish(f"gpt-{size_gb:g}GB-{dtype}", model, shape, seed)
+    st = _finish(f"gpt-{size_gb:g}GB-{dtype}", model, shape, seed)
+    st.spec = ("gpt", size_gb, dtype)
+    return st
 
 
 def small_state(ntensors: int, device: str | torch.device, seed: int = 0) -> State:
@@ -161,7 +164,18 @@ def small_state(ntensors: int, device: str | torch.device, seed: int = 0) -> Sta
     with torch.device("meta"):
         model = ManySmall(n)
     model.to_empty(device=device)
-    return _finish(f"small-{8 * n}t", model, f"{n} x Linear(32, 32)", seed)
+    st = _finish(f"small-{8 * n}t", model, f"{n} x Linear(32, 32)", seed)
+    st.spec = ("small", ntensors)
+    return st
+
+
+def build(spec: tuple[Any, ...] | list[Any], device: str | torch.device, seed: int = 0) -> State:
+    """The state ``spec`` names (a ``State.spec``), with the values of ``seed``."""
+    if spec[0] == "gpt":
+        return gpt_state(float(spec[1]), str(spec[2]), device, seed)
+    if spec[0] == "small":
+        return small_state(int(spec[1]), device, seed)
+    raise ValueError(f"unknown state spec {spec!r}")
 
 
 def free(state: State) -> None:
@@ -170,4 +184,13 @@ def free(state: State) -> None:
         p.data = torch.empty(0, device=p.device, dtype=p.dtype)
 
 
-__all__ = ["GB", "State", "free", "gpt_shape", "gpt_state", "small_state", "unique_tensors"]
+__all__ = [
+    "GB",
+    "State",
+    "build",
+    "free",
+    "gpt_shape",
+    "gpt_state",
+    "small_state",
+    "unique_tensors",
+]
