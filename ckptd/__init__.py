@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AccessDeniedError,
     AlreadyExistsError,
+    BucketMissingError,
     CkptdError,
     ConfigError,
     CredentialsError,
@@ -25,6 +27,7 @@ from .errors import (
     SaveError,
     SerializationError,
     StorageError,
+    StoreUnreachableError,
     TransientStorageError,
 )
 
@@ -65,8 +68,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AccessDeniedError",
     "AlreadyExistsError",
     "Backpressure",
+    "BucketMissingError",
     "Checkpointer",
     "CkptdError",
     "ConfigError",
@@ -82,6 +87,7 @@ __all__ = [
     "SaveHandle",
     "SerializationError",
     "StorageError",
+    "StoreUnreachableError",
     "TransientStorageError",
     "__version__",
     "attach",

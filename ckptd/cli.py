@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -44,11 +45,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    from .progress import human_bytes  # one formatting of sizes everywhere
+
+    return human_bytes(n)
 
 
 # ---- serve ---------------------------------------------------------------------------------------
@@ -58,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon.preempt import PreemptionConfig
     from .daemon.server import Daemon, DaemonConfig
     from .retention import Retention
+    from .storage.options import StoreOptions
 
     _setup_logging(args.log_level)
     try:
@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             check_store=not args.no_check_store,
             group=args.group,
             mirror_max_file_size=args.mirror_max_file_size or None,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             retention=Retention(
                 keep_last=args.keep_last,
                 keep_every=args.keep_every,
@@ -80,7 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 metric=args.keep_best_metric,
                 mode=args.keep_best_mode,
             ),
-            local_retention=Retention(keep_last=args.local_keep_last),
+            local_retention=keep_local_retention(args),
+            upload_every=args.upload_every,
+            store_options=StoreOptions(
+                sse=args.sse, kms_key=args.kms_key, storage_class=args.storage_class
+            ),
+            upload_limit=read_upload_limit(args.upload_limit),
             preemption=PreemptionConfig(
                 mode=args.preemption,
                 aws_endpoint=args.aws_metadata_url,
@@ -107,6 +114,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except CkptdError as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return 1
+
+
+def keep_local_retention(args: argparse.Namespace) -> Any:
+    """``--keep-local N|all`` (``--local-keep-last N``, its older spelling, still works)."""
+    from .daemon.config import KEEP_LOCAL
+    from .retention import Retention
+
+    raw = args.keep_local
+    if raw is None:
+        raw = str(args.local_keep_last) if args.local_keep_last is not None else str(KEEP_LOCAL)
+    if raw.strip().lower() == "all":
+        return Retention()
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"--keep-local takes a number or 'all', not {raw!r}") from None
+    return Retention(keep_last=n)
+
+
+def read_upload_limit(raw: str | None) -> float | None:
+    from .daemon.bandwidth import parse_rate
+
+    if raw is None or raw.strip().lower() in ("", "none", "off"):
+        return None
+    return parse_rate(raw)
 
 
 def _env_nice() -> int:
@@ -145,49 +177,42 @@ def _request(socket_path: str, msg: Request, timeout: float | None) -> Event:
 
 
 def _job_line(j: dict[str, Any]) -> str:
-    total = j["bytes_total"] or 1
-    if j["state"] in ("staged", "writing"):
-        prog = f"written {_human(j['bytes_written'])}/{_human(j['bytes_total'])}"
-    elif j["state"] == "uploading" or (j["state"] == "committed" and j["store"]):
-        pct = 100.0 * j["bytes_uploaded"] / total
-        prog = f"uploaded {_human(j['bytes_uploaded'])}/{_human(total)} ({pct:.0f}%) at {_human(j['upload_rate'])}/s"
-    else:
-        prog = _human(j["bytes_total"])
-    extra = f" retries={j['retries']}" if j["retries"] else ""
-    err = f"  error: {j['error']}" if j["error"] else ""
-    name = f"{j['run']}@{j['tag']}" + (f" part {j['part']}" if j.get("part") else "")
-    return f"  {name:<40} {j['state']:<10} {prog}{extra}{err}"
+    from .statusview import job_line
+
+    return "  " + job_line(j)
 
 
 def _print_status(st: dict[str, Any]) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items())) or "none"
-    print(f"ckptd {st['version']} pid {st['pid']} up {st['uptime']:.0f}s  socket {st['socket']}")
-    print(
-        f"root {st['root']}  store {st['store'] or '(the root)'}  clients {st['clients']}"
-        + ("  PREEMPTED" if st.get("preempted") else "")
-        + ("  CLOSING" if st.get("closing") else "")
-    )
-    print(
-        f"checkpoints: {counts}; upload queue {st['upload_queue']}; "
-        f"written {_human(st['bytes_written'])}, uploaded {_human(st['bytes_uploaded'])}"
-    )
-    for j in st["jobs"]:
-        print(_job_line(j))
+    """The status screen once: cut to the terminal on a TTY, whole into a pipe."""
+    from .statusview import render
+
+    if sys.stdout.isatty():
+        size = shutil.get_terminal_size()
+        lines = render(st, size.columns, max(size.lines - 1, 1))
+    else:
+        lines = render(st, None, None)
+    print("\n".join(lines))
+
+
+def _watch_frame(st: dict[str, Any]) -> str:
+    """One --watch frame: home, each line cleared to its end, the rest of the screen cleared;
+    one row is left for the cursor, so the header never scrolls off."""
+    from .statusview import render
+
+    size = shutil.get_terminal_size()
+    lines = render(st, size.columns, max(size.lines - 1, 1))
+    return "\033[H" + "".join(f"{line}\033[K\n" for line in lines) + "\033[J"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch and not args.json:
+        return _watch(args)
     try:
         while True:
-            reply = _request(args.socket, StatusRequest(), 30.0)
-            if not isinstance(reply, StatusReport):
-                print(f"ckptd status: {getattr(reply, 'error', reply)}", file=sys.stderr)
-                return 1
-            st = reply.to_wire()
+            st = _status_reply(args.socket)
             if args.json:
-                print(json.dumps({k: v for k, v in st.items() if k not in ("ev", "rid")}, indent=1))
+                print(json.dumps(st, indent=1))
             else:
-                if args.watch:
-                    print("\033[2J\033[H", end="")
                 _print_status(st)
             if not args.watch:
                 return 0
@@ -200,6 +225,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
+def _status_reply(socket_path: str) -> dict[str, Any]:
+    reply = _request(socket_path, StatusRequest(), 30.0)
+    if not isinstance(reply, StatusReport):
+        raise ProtocolError(f"{getattr(reply, 'error', reply)}")
+    return {k: v for k, v in reply.to_wire().items() if k not in ("ev", "rid")}
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Redraw in place until Ctrl-C (exit 0). A daemon that goes away after the first frame
+    (a restart) is waited for, saying so, rather than ending the watch."""
+    shown = False
+    sys.stdout.write("\033[2J\033[?25l")  # clear once, hide the cursor while redrawing
+    try:
+        while True:
+            try:
+                frame = _watch_frame(_status_reply(args.socket))
+                shown = True
+            except (DaemonUnavailableError, ProtocolError) as e:
+                if not shown:
+                    sys.stdout.write("\033[?25h")
+                    print(f"ckptd status: {e}", file=sys.stderr)
+                    return 1
+                note = f"ckptd status: daemon at {args.socket} not answering ({e}); retrying"
+                frame = f"\033[H{note[: shutil.get_terminal_size().columns - 1]}\033[K\n\033[J"
+            sys.stdout.write(frame)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sys.stdout.write("\033[?25h")
+        sys.stdout.flush()
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     try:
         reply = _request(
@@ -207,7 +266,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
             DrainRequest(timeout=args.timeout),
             None if args.timeout is None else args.timeout + 30,
         )
-    except (DaemonUnavailableError, ProtocolError) as e:
+    except DaemonUnavailableError as e:
+        # Nothing uploads while no daemon runs: say what does work now.
+        print(f"ckptd drain: {e}\n  (what a root owes uploads once a daemon runs on it; to give "
+              "an upload up instead: `ckptd abandon --root DIR RUN@TAG`)", file=sys.stderr)  # fmt: skip
+        return 1
+    except ProtocolError as e:
         print(f"ckptd drain: {e}", file=sys.stderr)
         return 1
     if not isinstance(reply, Drained):
@@ -216,10 +280,58 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if reply.ok:
         print("drained: nothing pending")
         return 0
-    print(f"not drained: {len(reply.pending)} checkpoint(s) not in their store", file=sys.stderr)
+    from .daemon.reasons import explain, stuck_advice
+
+    for line in explain(reply.pending):
+        print(f"not drained: {line}", file=sys.stderr)
     for j in reply.pending:
         print(_job_line(j), file=sys.stderr)
+    if advice := stuck_advice(reply.pending, f"--socket {args.socket}"):
+        print(advice, file=sys.stderr)
     return 1
+
+
+def cmd_abandon(args: argparse.Namespace) -> int:
+    """Give up owed uploads on purpose: the root's record says so; a running daemon stops."""
+    from .daemon.abandon import abandon
+    from .names import check_name
+    from .spawn import socket_ready
+
+    run, at, tag = args.checkpoint.rpartition("@")
+    if not at:
+        run, tag = args.checkpoint, ""
+    check_name(run, "run")
+    if tag:
+        check_name(tag, "tag")
+    root, live = args.root, False
+    if socket_ready(args.socket):  # a running daemon's own root, whatever --root says
+        try:
+            reply = _request(args.socket, StatusRequest(), 30.0)
+        except (DaemonUnavailableError, ProtocolError):
+            reply = None
+        if isinstance(reply, StatusReport):
+            root, live = reply.to_wire()["root"], True
+    done = abandon(root, run, tag or None, by=f"ckptd abandon (pid {os.getpid()})")
+    if not done:
+        what = f"{run}@{tag}" if tag else f"run {run}"
+        print(f"ckptd abandon: no upload of {what} is owed in {root}", file=sys.stderr)
+        return 1
+    keys = {f"{r}@{t}" for r, t, _ in done}
+    if live:  # the daemon notices within a second; say when it has let go
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            try:
+                reply = _request(args.socket, DrainRequest(timeout=0), 30.0)
+            except (DaemonUnavailableError, ProtocolError):
+                break
+            if not isinstance(reply, Drained):
+                break
+            if not any(f"{j['run']}@{j['tag']}" in keys for j in reply.pending):
+                break
+            time.sleep(0.2)
+    for r, t, store in done:
+        print(f"abandoned the upload of {r}@{t} to {store}; the local copy stays in {root}")
+    return 0
 
 
 # ---- reading stores ------------------------------------------------------------------------------------
@@ -378,6 +490,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return deleted, slimmed, aborted
 
     deleted, slimmed, aborted = run_sync(go())
+    if args.dry_run:
+        print(f"gc {args.url} (dry run, nothing changed): {len(runs)} run(s); would delete "
+              f"{deleted} checkpoint(s), would slim {slimmed}")  # fmt: skip
+        return 0
     print(f"gc {args.url}: {len(runs)} run(s); {deleted} checkpoint(s) deleted, "
           f"{slimmed} slimmed, {aborted} stale upload(s) aborted")  # fmt: skip
     return 0
@@ -413,6 +529,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         default=default_store(),
         help="default store URL for uploads (default: $CKPTD_STORE, else the root itself)",
+    )
+    s.add_argument(
+        "--sse",
+        default=None,
+        help="S3 server-side encryption of every object written: AES256, aws:kms or "
+        "aws:kms:dsse (docs/stores.md)",
+    )
+    s.add_argument(
+        "--kms-key",
+        default=None,
+        help="S3: the SSE-KMS key id or ARN (with --sse aws:kms); GCS: the CMEK kmsKeyName",
+    )
+    s.add_argument(
+        "--storage-class",
+        default=None,
+        help="storage class of every object written (S3: STANDARD_IA, INTELLIGENT_TIERING...; "
+        "GCS: NEARLINE...); recorded in each manifest",
     )
     s.add_argument(
         "--writers", type=int, default=2, help="checkpoints written at once (default: 2)"
@@ -457,12 +590,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _retention_args(s)
     s.add_argument(
-        "--local-keep-last",
-        type=int,
+        "--keep-local",
         default=None,
-        metavar="N",
-        help="when uploading elsewhere, keep only the newest N checkpoints in the root "
-        "(only copies whose upload is verified are deleted; default: keep all)",
+        metavar="N|all",
+        help="when uploading elsewhere, keep the newest N checkpoints per run in the root; an "
+        "older copy is deleted only once its upload is verified (a copy still owed is never "
+        "deleted, nor the newest). 'all' keeps every local copy (default: 3)",
+    )
+    s.add_argument("--local-keep-last", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument(
+        "--upload-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="upload only every K-th committed checkpoint of a run and keep all of them locally; "
+        "the newest one is uploaded anyway at drain, SIGTERM and on a preemption notice "
+        "(default: 1, every checkpoint)",
+    )
+    s.add_argument(
+        "--upload-limit",
+        default=os.environ.get("CKPTD_UPLOAD_LIMIT"),
+        metavar="RATE",
+        help="upload bandwidth shared by all uploads of the daemon, e.g. 100MB/s, 50MiB/s, "
+        "800Mbit/s (default: $CKPTD_UPLOAD_LIMIT, else unlimited)",
     )
     s.add_argument(
         "--nice",
@@ -487,6 +637,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="share the socket, root and files with this group (mode 0660/0750; clients of "
         "other users set CKPTD_DAEMON_USER to this daemon's user). Default: owner-only",
     )
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus/OpenMetrics metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    s.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics endpoint (default: %(default)s, loopback only)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     s = add("status", "show the daemon's queue, bytes and per-checkpoint state", cmd_status)
@@ -504,6 +667,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="give up after S seconds: exit 1 and list what is pending",
+    )
+
+    s = add(
+        "abandon",
+        "give up an owed upload on purpose: the local copy stays, the root records it, and a "
+        "running daemon, drain and exec stop waiting for it",
+        cmd_abandon,
+    )
+    sock(s)
+    s.add_argument(
+        "--root",
+        default=default_root(),
+        help="the daemon's root when no daemon answers on --socket (default: %(default)s)",
+    )
+    s.add_argument(
+        "checkpoint", metavar="RUN[@TAG]", help="one checkpoint, or every owed one of RUN"
     )
 
     from .execcmd import add_exec_arguments, cmd_exec

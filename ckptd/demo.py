@@ -85,6 +85,35 @@ def _make(width: int) -> tuple[TinyLM, torch.optim.Optimizer, Any]:
     return model, opt, sched
 
 
+BUSY_SPREAD = 0.5
+"""torch.save times of one state whose (max - min) / median exceeds this: the machine is busy."""
+
+
+def ratio_line(ckptd_s: float, torch_s: float) -> str:
+    """The blocking ratio with its direction, in words (a bare "ratio 1.74" reads both ways)."""
+    r = ckptd_s / torch_s if torch_s > 0 else float("inf")
+    if r < 1:
+        return f"ckptd blocks the loop for {r:.2f}x the time of torch.save"
+    return f"ckptd blocks the loop {r:.2f}x longer than torch.save"
+
+
+def busy_reason(save_times: list[float], load1: float, ncpu: int) -> str | None:
+    """Why the figures of this run may not mean much, or None: repeated ``torch.save`` times
+    of one state that spread widely, or a 1-minute load average above the CPU count."""
+    why = []
+    if load1 > ncpu:
+        why.append(f"load average {load1:.1f} on {ncpu} CPUs")
+    if len(save_times) > 1:
+        med = statistics.median(save_times)
+        spread = (max(save_times) - min(save_times)) / med if med > 0 else 0.0
+        if spread > BUSY_SPREAD:
+            why.append(
+                f"torch.save of the same state took {min(save_times) * 1e3:.0f} to "
+                f"{max(save_times) * 1e3:.0f} ms"
+            )
+    return "; ".join(why) or None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     random.seed(0)
@@ -96,7 +125,7 @@ def run_demo(args: argparse.Namespace) -> int:
     daemon = DaemonProcess(
         root, sock, args=["--preemption", "off"], log_path=os.path.join(work, "daemon.log")
     )
-    ok = False
+    ok = removing = False
     try:
         model, opt, sched = _make(args.width)
         gen = torch.Generator().manual_seed(1)
@@ -167,6 +196,8 @@ def run_demo(args: argparse.Namespace) -> int:
         code = daemon.stop()
         med_block = statistics.median(blocking[1:] or blocking)
         med_save = statistics.median(ts)
+        ok = same_model and same_opt and same_extra and tied and resumed and code == 0
+        removing = ok and not args.keep and not args.dir
         print()
         print(
             f"model: {n_params / 1e6:.1f} M parameters (tied embeddings) + AdamW state = "
@@ -174,9 +205,13 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         print(
             f"loop blocking time per save (median): ckptd {med_block * 1e3:.1f} ms   "
-            f"torch.save {med_save * 1e3:.1f} ms   ratio {med_block / med_save:.3f}  "
+            f"torch.save {med_save * 1e3:.1f} ms  "
             f"(first save, which allocates the staging arena: {blocking[0] * 1e3:.1f} ms)"
         )
+        print(ratio_line(med_block, med_save))
+        busy = busy_reason(ts, os.getloadavg()[0], os.cpu_count() or 1)
+        if busy:
+            print(f"note: the machine looks busy ({busy}): the ratio above means little here")
         print(
             f"restored {meta['tag']} (step {meta['step']}): model bitwise equal: {same_model}, "
             f"optimizer bitwise equal: {same_opt}, extras equal: {same_extra}, ties kept: {tied}"
@@ -184,16 +219,20 @@ def run_demo(args: argparse.Namespace) -> int:
         print(
             f"resumed 3 steps from the original and from the restore: identical losses: {resumed}"
         )
-        print(f"daemon drained and exited with {code}; checkpoints in {root}/demo/checkpoints")
-        ok = same_model and same_opt and same_extra and tied and resumed and code == 0
+        print(f"daemon drained and exited with {code}")
         print("demo OK" if ok else "demo FAILED")
         return 0 if ok else 1
     finally:
         daemon.kill()
-        if not args.keep and not args.dir and ok:
+        where = os.path.join(root, "demo", "checkpoints")
+        if removing:
             shutil.rmtree(work, ignore_errors=True)
-        elif not ok:
-            print(f"(kept {work} for inspection; daemon log: {work}/daemon.log)")
+        if os.path.isdir(where):
+            print(f"checkpoints in {where}" + ("" if ok else f"; daemon log: {work}/daemon.log"))
+        elif os.path.isdir(work):
+            print(f"no checkpoints in {where}; kept {work}, daemon log: {work}/daemon.log")
+        else:
+            print(f"removed {work} and the checkpoints in it (--keep or --dir keeps them)")
 
 
-__all__ = ["TinyLM", "run_demo"]
+__all__ = ["TinyLM", "busy_reason", "ratio_line", "run_demo"]

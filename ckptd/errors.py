@@ -13,8 +13,12 @@
     ├── NotFoundError           no such checkpoint, object or run (also a FileNotFoundError)
     └── StorageError            an object store operation failed
         ├── TransientStorageError   worth retrying: 5xx, throttling, timeouts, resets
+        │   ├── StoreUnreachableError   no answer at all: refused, reset, timed out
+        │   └── ThrottledError      the store asked us to slow down (SlowDown, 503, 429)
         └── PermanentStorageError   retrying will not help: 403, no bucket, bad credentials
-            └── CredentialsError    no credentials found, or the store rejected them
+            ├── BucketMissingError  the bucket does not exist (it may be created later)
+            └── AccessDeniedError   the store refuses these credentials this access
+                └── CredentialsError    no credentials found, or the store rejected them
 
 Retry decisions look at the type alone. Errors from the layers below (botocore, aiohttp, OSError)
 are translated at one boundary per backend.
@@ -75,12 +79,33 @@ class PermanentStorageError(StorageError):
     """A storage failure that retrying will not fix (access denied, no such bucket)."""
 
 
-class CredentialsError(PermanentStorageError):
+class ThrottledError(TransientStorageError):
+    """The store asked us to slow down (S3 ``SlowDown``/503, ``RequestLimitExceeded``, GCS 429):
+    retried like any transient error, from a longer backoff."""
+
+
+class StoreUnreachableError(TransientStorageError):
+    """The store did not answer at all (connection refused or reset, DNS, timeout): the store or
+    the network is down, as opposed to a store that answers with an error."""
+
+
+class BucketMissingError(PermanentStorageError):
+    """The bucket does not exist. Permanent for a request, but a bucket can be (re)created, so
+    the daemon re-checks an upload that met this with a long backoff."""
+
+
+class AccessDeniedError(PermanentStorageError):
+    """The store answered 401/403: these credentials may not do this."""
+
+
+class CredentialsError(AccessDeniedError):
     """No credentials were found for the store, or the store rejected the ones it was given."""
 
 
 __all__ = [
+    "AccessDeniedError",
     "AlreadyExistsError",
+    "BucketMissingError",
     "CkptdError",
     "ConfigError",
     "CredentialsError",
@@ -93,5 +118,7 @@ __all__ = [
     "SaveError",
     "SerializationError",
     "StorageError",
+    "StoreUnreachableError",
+    "ThrottledError",
     "TransientStorageError",
 ]

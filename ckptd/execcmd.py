@@ -6,6 +6,13 @@ is given, once S seconds of draining have passed (then what is left is logged lo
 already answering on the socket is used as is; otherwise one is started for the job and stopped
 (SIGTERM: it drains) at the end.
 
+Stale uploads: checkpoints the daemon already owed when the job started (an earlier job's,
+left by an earlier mistake) never hold the job up. exec waits for the checkpoints saved during
+the job only; stale ones left at the end are reported (with why, and how to give them up:
+``ckptd abandon``) and the machine is powered off anyway: they stay on its disk and a daemon
+started on the same root owes them again. Advice for what is left names a command that works
+at that moment: ``ckptd drain`` only while a daemon answers, else how to start one again.
+
 Exit code: the command's own if non-zero, else 1 if the drain failed, else 0.
 """
 
@@ -21,9 +28,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from .daemon.reasons import explain, stuck
 from .defaults import default_root, default_socket, default_store
 from .errors import CkptdError, ConfigError, DaemonUnavailableError, ProtocolError
 from .spawn import DaemonProcess, socket_ready
@@ -34,6 +43,17 @@ DEFAULT_POWEROFF = "systemctl poweroff"
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DRAIN_STEP_S = 5.0  # one drain request per step: progress is logged and a dead daemon is noticed
 _STOP_GRACE_S = 10.0  # after a failed drain: what is left stays on disk and resumes on restart
+_REPORT_EVERY_S = 30.0  # a progress line while draining: at most this often, unless it changes
+
+
+@dataclass(slots=True)
+class DrainResult:
+    """What a drain left: ``drained`` when every checkpoint of this job is in its store."""
+
+    drained: bool
+    started: float  # monotonic
+    own: list[dict[str, Any]] = field(default_factory=list)  # this job's, not in their store
+    stale: list[dict[str, Any]] = field(default_factory=list)  # owed from before the job
 
 
 class _Interrupted(Exception):
@@ -75,18 +95,26 @@ def run_exec(
         daemon = DaemonProcess(root, socket, store=store, args=args)
         log.info("started ckptd daemon (pid %d) on %s", daemon.pid, socket)
 
-    drained, started = False, time.monotonic()
+    result = DrainResult(False, time.monotonic())
     try:
+        stale = _owed_now(socket)
         code = _run_child(argv_cmd, socket)
-        drained, started = _drain(socket, bound, keep_waiting=shutdown and force_after is not None)
+        result = _drain(
+            socket, bound, keep_waiting=shutdown and force_after is not None, stale=stale
+        )
     finally:
-        if daemon is not None and _stop_daemon(daemon, drained=drained) != 0:
-            drained = False
+        if daemon is not None:
+            rc = _stop_daemon(daemon, drained=result.drained and not result.stale)
+            if rc != 0 and not (result.drained and result.stale):  # stale ones: expected
+                result.drained = False
+    drained = result.drained
+    if drained and result.stale:
+        _report_stale(result.stale, socket, root, daemon is not None)
 
     if shutdown:
-        waited = time.monotonic() - started
+        waited = time.monotonic() - result.started
         if drained:
-            log.info("drained: every checkpoint is in its store; powering off")
+            log.info("drained: every checkpoint of this job is in its store; powering off")
             if _power_off(poweroff_cmd) != 0 and code == 0:
                 code = 1
         elif force_after is not None and waited >= force_after:
@@ -98,12 +126,89 @@ def run_exec(
             _power_off(poweroff_cmd)
         else:
             log.error(
-                "NOT powering off: the drain failed and uploads are pending; fix the store and run "
-                "`ckptd drain`, or power off by hand (or pass --force-after S)"
+                "NOT powering off: %s of this job are not in their store. %s Or power off by "
+                "hand (or pass --force-after S)",
+                f"{len(result.own)} checkpoint(s)" if result.own else "checkpoints",
+                _advice(result.own, socket, root, store, started_daemon=daemon is not None),
             )
+    elif not drained:
+        log.error("%s", _advice(result.own, socket, root, store, started_daemon=daemon is not None))
     if code:
         return code
     return 0 if drained else 1
+
+
+def _owed_now(socket: str) -> set[str]:
+    """The keys of checkpoints the daemon owes before the job starts: stale for this job."""
+    from .connection import Connection
+    from .protocol import Drained, DrainRequest
+
+    try:
+        conn = Connection(socket, 10.0)
+        try:
+            reply = conn.request(DrainRequest(timeout=0), timeout=30)
+        finally:
+            conn.close()
+    except (DaemonUnavailableError, ProtocolError) as e:
+        log.warning("could not ask the daemon what it owes already: %s", e)
+        return set()
+    if not isinstance(reply, Drained):
+        return set()
+    owed = {_key(j) for j in reply.pending}
+    if owed:
+        log.warning(
+            "the daemon already owes %d checkpoint(s) from before this job; they will not hold "
+            "up this job's drain or power-off: %s",
+            len(owed),
+            "; ".join(explain(reply.pending)),
+        )
+    return owed
+
+
+def _key(j: dict[str, Any]) -> str:
+    return f"{j.get('run')}@{j.get('tag')}" + (f"#{j['part']}" if j.get("part") else "")
+
+
+def _where(socket: str, root: str) -> str:
+    """How a command reaches the daemon now: its socket while it answers, else its root."""
+    return (
+        f"--socket {shlex.quote(socket)}" if socket_ready(socket) else f"--root {shlex.quote(root)}"
+    )
+
+
+def _advice(
+    left: list[dict[str, Any]], socket: str, root: str, store: str | None, *, started_daemon: bool
+) -> str:
+    """What to do about ``left``, naming commands that work at this moment."""
+    first = next((f"{j.get('run')}@{j.get('tag')}" for j in left if not j.get("part")), "RUN@TAG")
+    if socket_ready(socket):
+        return (
+            f"The daemon on {socket} keeps retrying: fix the store, then `ckptd drain --socket "
+            f"{shlex.quote(socket)}`; or give an upload up on purpose (the local copy stays): "
+            f"`ckptd abandon --socket {shlex.quote(socket)} {first}`."
+        )
+    serve = f"ckptd serve --root {shlex.quote(root)} --socket {shlex.quote(socket)}"
+    if store:
+        serve += f" --store {shlex.quote(store)}"
+    who = "The daemon this exec started" if started_daemon else f"No daemon answers on {socket}; it"
+    return (
+        f"{who} has exited; what is left stays in {root} and is owed again by the next daemon on "
+        f"that root. Start one (`{serve} &`) and run `ckptd drain --socket {shlex.quote(socket)}`"
+        f"; or give an upload up on purpose: `ckptd abandon --root {shlex.quote(root)} {first}`."
+    )
+
+
+def _report_stale(stale: list[dict[str, Any]], socket: str, root: str, started: bool) -> None:
+    for line in explain(stale):
+        log.warning("left from before this job (not holding up power-off): %s", line)
+    first = next((f"{j.get('run')}@{j.get('tag')}" for j in stale if not j.get("part")), "RUN@TAG")
+    log.warning(
+        "they stay on this machine's disk under %s and are owed again when a daemon starts on "
+        "it; to give them up: `ckptd abandon %s %s`",
+        root,
+        _where(socket, root),
+        first,
+    )
 
 
 def _run_child(argv_cmd: list[str], socket: str) -> int:
@@ -136,18 +241,19 @@ def _run_child(argv_cmd: list[str], socket: str) -> int:
     return rc
 
 
-def _drain(socket: str, bound: float | None, *, keep_waiting: bool) -> tuple[bool, float]:
-    """Ask the daemon to drain, in steps; return (drained, monotonic start).
+def _drain(socket: str, bound: float | None, *, keep_waiting: bool, stale: set[str]) -> DrainResult:
+    """Ask the daemon to drain, in steps, until this job's checkpoints are in their store.
 
-    Permanent upload failures end the wait early (nothing will change) unless ``keep_waiting``:
-    with --force-after the machine goes off at the bound, whatever happens before it.
+    Checkpoints in ``stale`` (owed before the job) are not waited for. Checkpoints that waiting
+    will not bring into the store (failed, or a store that said no: ``reasons.stuck``) end the
+    wait early unless ``keep_waiting``: with --force-after the machine goes off at the bound.
     """
     from .connection import Connection
     from .protocol import Drained, DrainRequest
 
-    started = time.monotonic()
-    deadline = None if bound is None else started + bound
-    left: list[dict[str, Any]] = []
+    res = DrainResult(False, time.monotonic())
+    deadline = None if bound is None else res.started + bound
+    said, said_at = "", 0.0
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise _Interrupted(signal.Signals(signum).name)
@@ -164,40 +270,44 @@ def _drain(socket: str, bound: float | None, *, keep_waiting: bool) -> tuple[boo
                     if not isinstance(reply, Drained):
                         log.error("the daemon refused to drain: %s", getattr(reply, "error", reply))
                         break
-                    if reply.ok:
-                        return True, started
-                    left = reply.pending
+                    res.own = [j for j in reply.pending if _key(j) not in stale]
+                    res.stale = [j for j in reply.pending if _key(j) in stale]
+                    if reply.ok or (res.stale and not res.own):
+                        res.drained = True
+                        return res
                     if deadline is not None and time.monotonic() >= deadline:
                         break
-                    if all(j.get("state") == "failed" for j in left):
+                    if all(stuck(j) for j in res.own):
                         if not keep_waiting:
                             break
                         time.sleep(min(step, 1.0))  # only failures: wait out the bound quietly
                         continue
-                    log.info("draining: %s", _summary(left))
+                    # A line when the story changes, else every _REPORT_EVERY_S: not every step.
+                    story = "; ".join(sorted({_why(j) for j in res.own}))
+                    if story != said or time.monotonic() - said_at >= _REPORT_EVERY_S:
+                        log.info("draining: %s", "; ".join(explain(res.own)))
+                        said, said_at = story, time.monotonic()
             finally:
                 conn.close()
     except (DaemonUnavailableError, ProtocolError) as e:
         log.error("drain failed: %s", e)
-        return False, started
+        return res
     except _Interrupted as e:
         log.error("drain interrupted by %s", e)
-    for job in left:
+    for job in res.own:
         log.error(
             "not in its store: %s@%s (%s)%s",
             job.get("run"),
             job.get("tag"),
-            job.get("state"),
+            job.get("reason") or job.get("state"),
             f": {job['error']}" if job.get("error") else "",
         )
-    log.error("drain failed: %s", _summary(left) if left else "interrupted")
-    return False, started
+    log.error("drain failed: %s", "; ".join(explain(res.own)) if res.own else "interrupted")
+    return res
 
 
-def _summary(jobs: list[dict[str, Any]]) -> str:
-    total = sum(int(j.get("bytes_total") or 0) for j in jobs)
-    done = sum(int(j.get("bytes_uploaded") or 0) for j in jobs)
-    return f"{len(jobs)} checkpoint(s) not in their store, {total - done} of {total} bytes to go"
+def _why(j: dict[str, Any]) -> str:
+    return str(j.get("reason") or j.get("state"))
 
 
 def _stop_daemon(daemon: DaemonProcess, *, drained: bool) -> int:
@@ -264,7 +374,8 @@ def add_exec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shutdown",
         action="store_true",
-        help="power the machine off after the command, once everything is uploaded",
+        help="power the machine off after the command, once every checkpoint it saved is uploaded "
+        "(uploads the daemon owed from before the job are reported, never waited for)",
     )
     parser.add_argument(
         "--poweroff-cmd",

@@ -448,9 +448,20 @@ class StatusReport(Event):
     bytes_uploaded: int
     store_retries: dict[str, int] = dataclasses.field(default_factory=dict)
     """Request retries each store made so far (the stores' own retry layer)."""
+    store_capabilities: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Per store URL: what its probe found (``ckptd.storage.capabilities``), with the gaps."""
     mirrors: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     jobs: list[dict[str, Any]]
-    """One record per checkpoint (``Job.as_dict``), oldest first."""
+    """Every checkpoint in progress and the last few finished (``Job.as_dict``), oldest first."""
+    summary: dict[str, Any] | None = None
+    """The finished checkpoints ``jobs`` leaves out: ``jobs``, ``counts`` by phase, ``bytes``,
+    ``since`` (docs/status.md). None from a daemon older than the field."""
+    connections: int | None = None
+    """Every connection, ``status`` askers included (``clients`` counts training processes)."""
+    saves: int | None = None
+    failures: int | None = None
+    metrics: str | None = None
+    """The metrics endpoint's URL, when ``serve --metrics-port`` runs one."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

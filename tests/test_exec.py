@@ -154,10 +154,16 @@ def test_exec_never_powers_off_with_uploads_pending_unless_forced(
     assert socket_ready(daemon.socket)  # exec did not start this daemon, so it leaves it running
 
     # --force-after: power off anyway once that much draining has passed, and say so loudly.
+    # (The first job's checkpoints are stale for this one: reported, never waited for.)
     caplog.clear()
     started = time.monotonic()
+    save_job2 = (
+        "import ckptd, torch\n"
+        "with ckptd.Checkpointer('job2', store='s3://nonexistent-bucket/p') as c:\n"
+        "    c.save(1, model=torch.nn.Linear(2, 2))\n"
+    )
     rc = run_exec(
-        [sys.executable, "-c", "pass"],
+        [sys.executable, "-c", save_job2],
         socket=daemon.socket,
         root=daemon.root,
         **exec_kwargs(scripts, force_after=1.0),  # type: ignore[arg-type]
@@ -166,7 +172,8 @@ def test_exec_never_powers_off_with_uploads_pending_unless_forced(
     assert time.monotonic() - started >= 1.0
     assert os.path.exists(scripts["marker"])
     assert "FORCED POWER-OFF" in caplog.text
-    assert "job@step-00000002" in caplog.text  # what is left is named
+    assert "job2@step-00000001" in caplog.text  # what is left is named
+    assert "already owes 2 checkpoint(s) from before this job" in caplog.text
 
 
 def test_exec_forwards_sigterm_and_propagates_the_exit_code(

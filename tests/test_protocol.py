@@ -65,7 +65,11 @@ REQUESTS: list[tuple[p.Request, dict[str, Any]]] = [
 STATUS = {"pid": 1, "version": "0.1.0", "root": "/r", "socket": "/s", "store": None,
           "uptime": 3.5, "clients": 2, "closing": False, "preempted": False,
           "counts": {"uploading": 1}, "upload_queue": 1, "bytes_written": 10,
-          "bytes_uploaded": 4, "store_retries": {}, "mirrors": {"r": ["main.log"]}, "jobs": [JOB]}  # fmt: skip
+          "bytes_uploaded": 4, "store_retries": {},
+          "store_capabilities": {"s3://b": {"create_only": False, "integrity": "etag-md5"}},
+          "mirrors": {"r": ["main.log"]}, "jobs": [JOB],
+          "summary": {"jobs": 3, "counts": {"uploaded": 3}, "bytes": 30, "since": 1.0},
+          "connections": 3, "saves": 4, "failures": 0, "metrics": None}  # fmt: skip
 EVENTS: list[tuple[p.Event, dict[str, Any]]] = [
     (p.Welcome(rid=1, version="0.1.0", root="/r", store="s3://b", pid=2, preempted=False,
                features=["mirror", "parts"]),
@@ -137,6 +141,11 @@ def test_older_and_newer_peers() -> None:
     save = parse_request({"op": "save", "id": 1, "run": "r", "tag": "t", "step": 1, "files": []})
     assert isinstance(save, p.SaveRequest) and save.slot is None and not save.part
     assert parse_request({"op": "drain", "timeout": 5}) == p.DrainRequest(timeout=5)
+    # A status from a daemon before the summary (and its siblings) still parses.
+    added = ("summary", "connections", "saves", "failures", "metrics")
+    before = {k: v for k, v in STATUS.items() if k not in added}
+    report = parse_event({"ev": "status", **before})
+    assert isinstance(report, p.StatusReport) and report.summary is None and report.jobs == [JOB]
 
 
 BAD_REQUESTS = [

@@ -24,8 +24,8 @@ from tests.helpers import Net, bitwise_equal
 def test_public_names_are_pinned() -> None:
     assert sorted(ckptd.__all__) == sorted(
         [
-            "AlreadyExistsError", "Backpressure", "Checkpointer", "CkptdError", "ConfigError", "CredentialsError",
-            "DaemonUnavailableError",
+            "AccessDeniedError", "AlreadyExistsError", "Backpressure", "BucketMissingError", "Checkpointer",
+            "CkptdError", "ConfigError", "CredentialsError", "DaemonUnavailableError", "StoreUnreachableError",
             "Experiment", "IntegrityError", "NotFoundError", "PermanentStorageError", "ProtocolError", "RestoreError",
             "SaveError", "SaveHandle", "SerializationError", "StorageError", "TransientStorageError",
             "__version__", "attach", "list_checkpoints", "load", "load_config", "verify",

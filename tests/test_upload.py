@@ -79,7 +79,9 @@ def test_permanent_fault_is_reported_and_local_copy_kept(s3_bucket, make_daemon)
             h.wait("uploaded", timeout=120)
         st = ckpt.status()
     (job,) = [j for j in st["jobs"] if j["run"] == "lost"]
-    assert job["state"] == "failed" and "no-such-bucket" in job["error"]
+    # Not failed for good: still owed, re-checked slowly in case the bucket appears (issue 17).
+    assert job["state"] != "uploaded" and job["reason"] == "bucket missing"
+    assert "no-such-bucket" in job["error"]
     assert ckptd.load(os.path.join(d.root, "lost"))["meta"]["step"] == 1  # the local copy stays
     out = _ckptd("drain", "--socket", d.socket, "--timeout", "5")
     assert out.returncode == 1 and "lost@step-00000001" in out.stderr

@@ -52,7 +52,8 @@ from ..protocol import (
 from . import recovery, sdnotify
 from .config import DaemonConfig
 from .connections import Client, ClientServer
-from .jobs import Job, JobState, JobTable, Stats
+from .jobs import Job, JobState, JobTable
+from .metrics import MetricsServer, Snapshot
 from .mirror import Mirrors
 from .preempt import watch_preemption
 from .sharded import ShardedCommits
@@ -78,8 +79,8 @@ class Daemon:
             spawn=self._spawn,
         )
         self.jobs = JobTable(self.net.clients)
-        self.stats = Stats()
-        self.stores = StoreSet(config.root)
+        self.stats = self.jobs.stats
+        self.stores = StoreSet(config.root, options=config.store_options)
         self.sharded = ShardedCommits(
             config, self.jobs, self.stores, writes=lambda: self.writes, uploads=lambda: self.uploads
         )
@@ -103,6 +104,10 @@ class Daemon:
         self._lock_fd: int | None = None
         self._started = time.time()
         self.preempted = False
+        self.metrics: MetricsServer | None = None
+        if config.metrics_port is not None:
+            self.metrics = MetricsServer(config.metrics_host, config.metrics_port,
+                                         self.metrics_snapshot)  # fmt: skip
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -110,8 +115,15 @@ class Daemon:
         """Serve until SIGTERM/SIGINT; exit code 0 only if nothing was left un-uploaded."""
         gid = self.cfg.gid if self.cfg.group is not None else None
         self._lock_fd = recovery.prepare_root(self.cfg.root, gid=gid)
+        if self.metrics is not None:  # before any store session: a port in use is a clean refusal
+            await self.metrics.start()
         if self.cfg.store and self.cfg.check_store and not self.stores.is_root(self.cfg.store):
-            await self.stores.get(self.cfg.store).check_access()
+            try:
+                await self.stores.get(self.cfg.store).check_access()
+            except BaseException:  # a clean refusal closes its HTTP sessions (no asyncio noise)
+                await self.stores.close()
+                raise
+            await self.stores.probe(self.cfg.store)  # once, logged; the fallbacks follow it
         for owed in recovery.rescan(self.cfg.root):
             job = Job(run=owed.run, tag=owed.tag, step=owed.step, store=owed.store,
                       state=JobState.COMMITTED)  # fmt: skip
@@ -123,6 +135,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self._spawn(self.net.accept_loop(), critical=True)
+        self._spawn(self.jobs.meter())
         for _ in range(self.cfg.uploads):
             self._spawn(self.uploads.worker(), critical=True)
         if self.cfg.preemption is not None:
@@ -155,6 +168,8 @@ class Daemon:
             ok = False
             log.error("experiment records not uploaded: %s", self.mirrors.pending())
         extender.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -278,6 +293,7 @@ class Daemon:
             self._spawn(self.jobs.fail(job, refusal, release_slot=save.slot))
             return
         self.jobs.add(job)
+        self.uploads.admitted(job)  # numbered in arrival order, for --upload-every
         self._spawn(self.writes.write(save))
 
     def _claim_writer(self, client: Client, run: str) -> str | None:
@@ -307,7 +323,7 @@ class Daemon:
             await self.jobs.finish(job)
             self.uploads.retain(job)
         else:
-            self.uploads.enqueue(job)
+            await self.uploads.committed(job)  # queued, or local only (--upload-every)
 
     async def _reply_mirror(self, client: Client, msg: dict[str, Any], rid: int | None) -> None:
         try:
@@ -325,6 +341,7 @@ class Daemon:
         log.warning("preemption notice from %s: %s; newest checkpoints first", source, detail)
         sdnotify.notify(f"STATUS=preempted ({source}); draining newest first")
         self.uploads.drop_superseded()
+        await self.uploads.owe_newest()
         for client in list(self.net.clients.values()):
             client.send(Preempted(source=source, detail=detail))
         await self.jobs.changed()
@@ -333,7 +350,9 @@ class Daemon:
 
     async def drain(self, timeout: float | None) -> tuple[bool, list[Job]]:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        await self.jobs.settle(deadline)
+        with self.uploads.draining():  # the newest checkpoint of each run is uploaded
+            await self.uploads.owe_newest()
+            await self.jobs.settle(deadline)
         left_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         mirrored = await self.mirrors.flush_all(left_s)
         left_jobs = self.jobs.unfinished()
@@ -344,6 +363,8 @@ class Daemon:
         client.send(Drained(rid=rid, ok=ok, pending=[j.as_dict() for j in left]))
 
     def status(self) -> dict[str, Any]:
+        """The ``status`` reply (``StatusReport``; every field is in docs/status.md)."""
+        jobs, summary = self.jobs.view()
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -351,7 +372,8 @@ class Daemon:
             "socket": self.cfg.socket,
             "store": self.cfg.store,
             "uptime": time.time() - self._started,
-            "clients": len(self.net.clients),
+            "clients": self._training_clients(),
+            "connections": len(self.net.clients),
             "closing": self.jobs.closing,
             "preempted": self.preempted,
             "counts": self.jobs.counts(),
@@ -359,9 +381,34 @@ class Daemon:
             "bytes_written": self.stats.bytes_written,
             "bytes_uploaded": self.stats.bytes_uploaded,
             "store_retries": self.stores.retries(),
+            "store_capabilities": self.stores.capabilities(),
             "mirrors": self.mirrors.pending(),
-            "jobs": self.jobs.recent(50),
+            "jobs": jobs,
+            "summary": summary,
+            "saves": self.stats.saves,
+            "failures": self.stats.failures,
+            "metrics": f"http://{self.metrics.host}:{self.metrics.port}/metrics"
+            if self.metrics is not None
+            else None,
         }
+
+    def _training_clients(self) -> int:
+        """Connections that said which run they save, or hold arena slots: training processes,
+        not ``ckptd status`` or ``drain`` asking."""
+        return sum(1 for c in self.net.clients.values() if c.alive and (c.run or c.slots))
+
+    def metrics_snapshot(self) -> Snapshot:
+        return Snapshot(
+            version=__version__,
+            started=self._started,
+            stats=self.stats,
+            jobs=self.jobs.values(),
+            upload_queue=len(self.uploads.queue),
+            clients=self._training_clients(),
+            store_retries=self.stores.retries(),
+            upload_retries=self.jobs.upload_retries(),
+            preempted=self.preempted,
+        )
 
 
 def _rid(msg: dict[str, Any]) -> int | None:

@@ -216,19 +216,25 @@ async def test_a_transient_upload_failure_is_retried_by_the_queue_once_per_attem
     assert await faulty.get_bytes("r/latest") == b"t1\n"
 
 
-async def test_a_permanent_failure_ends_the_job_once_and_cancels_its_siblings(  # type: ignore[no-untyped-def]
+async def test_a_permanent_failure_is_told_once_kept_owed_and_cancels_its_siblings(  # type: ignore[no-untyped-def]
     tmp_path, memstore
 ) -> None:
+    # Issue 17: a store that said no is re-checked slowly while the daemon lives (a bucket can
+    # come back), not failed for good; the saver hears of it at once, and settle (drain) does
+    # not wait for the slow re-check.
     faulty = FaultyStore(memstore)
     faulty.fail["model.weights.safetensors"] = [PermanentStorageError("403 denied")]
-    _, clients, jobs, writes, uploads, _ = _stages(str(tmp_path), memstore, faulty)
+    _, clients, jobs, writes, uploads, tasks = _stages(str(tmp_path), memstore, faulty)
     job = await _committed_local(tmp_path, clients, jobs, writes, memstore, "t1")
     worker = asyncio.ensure_future(uploads.worker())
     try:
         await asyncio.wait_for(jobs.settle(None), 30)
     finally:
         worker.cancel()
-    assert job.state == JobState.FAILED and "403" in (job.error or "")
+        for t in tasks:
+            t.cancel()
+    assert job.state == JobState.COMMITTED and "403" in (job.error or "")
+    assert job.reason == "server refused" and job.retry_at is not None and job.attempts == 1
     assert clients[1].evs()[-1] == "failed"
     assert not await faulty.list("r/checkpoints/t1/MANIFEST.json")  # never committed remotely
     assert (tmp_path / "r" / "checkpoints" / "t1" / "MANIFEST.json").exists()  # local copy kept
