@@ -18,6 +18,7 @@ identical checkpoint (``ckptd.localfirst``), and ranks of a node can share one d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -50,7 +51,7 @@ from .localfirst import daemon_places, local_twin
 from .names import check_name, named
 from .nodecache import discard, node_copy
 from .progress import Progress
-from .readinto import Source, read_file, read_files
+from .readinto import Source, map_file, mapping_wanted, read_file, read_files
 from .storage import ProgressFn, is_local
 from .tree import unflatten
 
@@ -178,6 +179,16 @@ def read_tensors(
     async def go() -> None:
         src = Source.of(loc)
         try:
+            if mapping_wanted(src):  # local: the page cache is the memory (``map_file``)
+                files = loc.manifest["files"]
+                maps = await asyncio.gather(*(map_file(src, n, files[n], progress) for n in names))
+                for name, mm in zip(names, maps, strict=True):
+                    bufs[name] = (
+                        torch.empty(0, dtype=torch.uint8)
+                        if mm is None
+                        else torch.frombuffer(mm, dtype=torch.uint8)
+                    )
+                return
             await read_files(src, names, alloc, progress)
         finally:
             await src.close()

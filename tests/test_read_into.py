@@ -266,3 +266,35 @@ def test_ranks_of_a_node_read_a_store_checkpoint_once(
     fresh, _ = rank(0)
     same(fresh.state_dict(), net.state_dict())
     assert not entry.exists()
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"])
+def test_a_local_load_maps_the_files_and_writes_never_reach_them(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, mapped: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Local files are mapped copy-on-write (or read, with CKPTD_LOAD_MMAP=0): the tensors are
+    bitwise equal, writable, and writing to them leaves the checkpoint as it was."""
+    monkeypatch.setenv("CKPTD_LOAD_MMAP", mapped)
+    net, opt = trained(8)
+    url = str(tmp_path / "run")
+    put(url, "s8", 8, checkpoint_files(net, opt, 8))
+    got = load(url)
+    same(got["model"], net.state_dict())
+    got["model"]["a.weight"].add_(1.0)
+    got["optimizer"]["state"][0]["exp_avg"].zero_()
+    assert verify(url)  # the files on disk are untouched
+    again = load(url)
+    same(again["model"], net.state_dict())
+    same(again["optimizer"], opt.state_dict())
+
+
+def test_a_local_file_changed_on_disk_is_refused_before_it_is_mapped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net, opt = trained(9)
+    url = str(tmp_path / "run")
+    put(url, "s9", 9, checkpoint_files(net, opt, 9))
+    path = tmp_path / "run" / "checkpoints" / "s9" / "model.weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="CRC32C"):
+        load(url, tag="s9")
