@@ -12,6 +12,7 @@ Run as ``python -m bench.restore_rss '<json spec>'``; ``measure`` does that from
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -55,6 +56,14 @@ def _restore(spec: dict[str, Any]) -> tuple[int, int, bool]:
     warnings.filterwarnings("ignore")
     kind = spec["kind"]
     base = _status("VmRSS")
+    st = None
+    if kind in ("Checkpointer.restore", "load_state_dict(torch.load)"):
+        # What a resuming process holds before it restores: its model (counted: it is above
+        # the baseline) and an optimizer that has not stepped yet (no state). Building the
+        # bench state fills the optimizer, so the peak is reset after clearing it.
+        st = build(spec["state"], "cpu", seed=1)
+        st.optimizer.state.clear()
+        gc.collect()
     reset = _reset_peak()
     if not reset:
         base = _status("VmHWM")
@@ -63,14 +72,14 @@ def _restore(spec: dict[str, Any]) -> tuple[int, int, bool]:
     elif kind == "torch.load":
         out = torch.load(spec["path"], map_location="cpu")
     elif kind == "Checkpointer.restore":
-        st = build(spec["state"], "cpu", seed=1)
+        assert st is not None
         ck = ckptd.Checkpointer(spec["run"], socket=spec["socket"])
         if ck.restore(st.model, st.optimizer, tag=spec["tag"]) is None:
             raise SystemExit("nothing restored")
         ck.close()
         out = st
     elif kind == "load_state_dict(torch.load)":
-        st = build(spec["state"], "cpu", seed=1)
+        assert st is not None
         sd = torch.load(spec["path"], map_location="cpu")
         st.model.load_state_dict(sd["model"])
         st.optimizer.load_state_dict(sd["optimizer"])

@@ -500,8 +500,16 @@ async def _apply_file(
             raise IntegrityError(f"{fname}: malformed content: {e!r}") from e
         obj.load_state_dict(state, strict=strict)
         return
-    buf = torch.empty(int(rec["size"]), dtype=torch.uint8)
-    await read_file(src, fname, rec, memoryview(buf.numpy()), progress)
+    if on_cpu and mapping_wanted(src):  # local: the mapped file is the optimizer's memory
+        mm = await map_file(src, fname, rec, progress)
+        buf = (
+            torch.empty(0, dtype=torch.uint8)
+            if mm is None
+            else torch.frombuffer(mm, dtype=torch.uint8)
+        )
+    else:
+        buf = torch.empty(int(rec["size"]), dtype=torch.uint8)
+        await read_file(src, fname, rec, memoryview(buf.numpy()), progress)
     result: dict[str, Any] = {"optimizers": {}}
     _decode_checked(fname, buf, result, extra)
     del buf  # a weights file's buffer goes once applied; an optimizer state keeps its views
