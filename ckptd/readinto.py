@@ -312,7 +312,10 @@ async def map_file(
             view.release()
         check_crc(name, rec, crcs)
     except BaseException:
-        mm.close()
+        # Parts of the mapping may still be referenced (a thread's finished work item, a
+        # traceback); then the mapping is unmapped when the last of them goes, not now.
+        with contextlib.suppress(BufferError):
+            mm.close()
         raise
     return mm
 

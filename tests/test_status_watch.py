@@ -27,7 +27,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _controlling_tty() -> None:
-    """In the child, after setsid: make the pty its terminal, so that ^C there is SIGINT."""
+    """In the child, after setsid: make the pty its terminal, so that ^C there is SIGINT. A
+    suite started in the background by a shell without job control inherits SIGINT ignored
+    (POSIX), and Python then installs no KeyboardInterrupt handler: restore the default, as a
+    terminal's shell would for a foreground command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
