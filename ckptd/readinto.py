@@ -30,6 +30,7 @@ from .storage.base import (
     combine_crcs,
     crc32c_combine,
     part_spans,
+    preadv_crc,
     read_ranges_into,
     run_all,
 )
@@ -96,7 +97,7 @@ async def read_listed(
             fd = f.fileno()
 
             async def fetch(start: int, view: memoryview) -> int:
-                return await asyncio.to_thread(_preadv_crc, fd, view, start, name)
+                return await asyncio.to_thread(preadv_crc, fd, view, start, name)
 
             return await read_ranges_into(
                 buf, offset, _LOCAL_PART, _LOCAL_THREADS, fetch, progress, src.gate
@@ -147,24 +148,7 @@ async def read_files(
         if done is not None:
             done(name)
 
-    tasks = [asyncio.ensure_future(one(n)) for n in names]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _preadv_crc(fd: int, view: memoryview, offset: int, name: str) -> int:
-    """Fill ``view`` from ``fd`` at ``offset``, then its CRC32C while the bytes are in cache."""
-    pos = 0
-    while pos < len(view):
-        n = os.preadv(fd, [view[pos:]], offset + pos)
-        if not n:
-            raise IntegrityError(f"{name}: file ended at byte {offset + pos}")
-        pos += n
-    return crc32c.crc32c(view)
+    await run_all([one(n) for n in names])
 
 
 async def _verify_file(
@@ -195,13 +179,7 @@ def verify_store_copy(loc: Located, progress: ProgressFn | None = None) -> None:
                 await _verify_file(src, name, files[name], progress)
 
         try:
-            tasks = [asyncio.ensure_future(one(n)) for n in files]
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await run_all([one(n) for n in files])
         finally:
             await src.close()
 

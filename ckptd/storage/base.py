@@ -197,6 +197,18 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ crc2
 
 
+def preadv_crc(fd: int, view: memoryview, offset: int, what: str) -> int:
+    """Fill ``view`` from ``fd`` at ``offset`` and return its CRC32C, computed right after the
+    read while the bytes are in cache; a file that ends early is an ``IntegrityError``."""
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], offset + pos)
+        if not n:
+            raise IntegrityError(f"{what}: file ended at byte {offset + pos}")
+        pos += n
+    return _crc32c.crc32c(view)
+
+
 def read_range_crc(path: str, offset: int, length: int) -> tuple[bytes, int]:
     """Read ``length`` bytes at ``offset`` straight from the file (``os.pread``, no staging copy)
     and return them with their CRC32C. Runs in a worker thread; both calls release the GIL."""

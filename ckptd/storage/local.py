@@ -29,7 +29,7 @@ from ..errors import (
     PermanentStorageError,
     TransientStorageError,
 )
-from .base import ObjectInfo, ProgressFn, Store, read_ranges_into
+from .base import ObjectInfo, ProgressFn, Store, preadv_crc, read_ranges_into
 
 _CHUNK = 16 << 20
 _READ_PART = 4 << 20  # per preadv of read_into: its CRC32C follows while it is in cache
@@ -225,7 +225,7 @@ class LocalStore(Store):
 
             async def fetch(start: int, view: memoryview) -> int:
                 return await asyncio.to_thread(
-                    self._translate, key, _preadv_crc, fd, view, start, key
+                    self._translate, key, preadv_crc, fd, view, start, key
                 )
 
             return await read_ranges_into(
@@ -355,15 +355,3 @@ def _copy_from(src: str, size: int, crc: int, progress: ProgressFn | None) -> Ca
             )
 
     return fill
-
-
-def _preadv_crc(fd: int, view: memoryview, offset: int, what: str) -> int:
-    """Fill ``view`` from ``fd`` at ``offset`` and return its CRC32C, computed right after the
-    read while the bytes are in cache; a file that ends early is an ``IntegrityError``."""
-    pos = 0
-    while pos < len(view):
-        n = os.preadv(fd, [view[pos:]], offset + pos)
-        if not n:
-            raise IntegrityError(f"{what}: file ended at byte {offset + pos}")
-        pos += n
-    return _crc32c.crc32c(view)
