@@ -2,7 +2,8 @@
 
 A manifest is the only thing a reader trusts, so it is checked before any of its names becomes a
 path or any of its numbers an allocation: a JSON object whose ``tag`` is the tag it was found
-under, whose ``files`` map names that pass the name rule to ``{size, crc32c}``, and whose ``step``
+under, whose ``files`` map names that pass the name rule to ``{size, crc32c}`` (and, for data shared
+with other checkpoints, ``blob``: a content digest, see ``ckptd.blobs``), and whose ``step``
 is an integer. Everything wrong raises ``IntegrityError`` naming the checkpoint, so callers decide
 by that one type (listings skip the checkpoint, an explicit request fails).
 """
@@ -13,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from .blobs import is_digest
 from .errors import ConfigError, IntegrityError
 from .names import check_file_name, check_name
 
@@ -78,6 +80,8 @@ def validate(obj: Any, *, tag: str | None, where: str = "checkpoint") -> dict[st
             raise bad(f"{name}: size {size!r} is not an integer in [0, {MAX_FILE_SIZE}]")
         if not isinstance(crc, str) or _CRC.fullmatch(crc) is None:
             raise bad(f"{name}: crc32c {crc!r} is not 8 hex digits")
+        if "blob" in rec and not is_digest(rec["blob"]):
+            raise bad(f"{name}: blob {rec['blob']!r} is not a 64 hex digit content digest")
     return obj
 
 

@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
 
-RESERVED_RUN_PARTS = frozenset({"checkpoints", "experiment", "latest", ".ckptd"})
+RESERVED_RUN_PARTS = frozenset({"checkpoints", "experiment", "latest", "shared", ".ckptd"})
 """Names the layout gives a meaning below ``<store>/<run>/``: a run part called ``checkpoints``
 would make ``<store>/a/checkpoints/b/checkpoints/...`` ambiguous (the daemon's rescan took it for
 run ``a`` and dropped its checkpoints)."""

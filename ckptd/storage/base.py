@@ -36,6 +36,8 @@ READ_CONCURRENCY = 8
 class ObjectInfo:
     key: str
     size: int
+    mtime: float | None = None
+    """When the object was written (seconds since the epoch), where the store says."""
 
 
 class Store(abc.ABC):

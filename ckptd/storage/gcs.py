@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -452,7 +453,7 @@ class GCSStore(Store):
                         timeout=self._op_timeout,
                     )
                 for item in page.get("items", []):
-                    out.append(ObjectInfo(self._rel(item["name"]), int(item["size"])))
+                    out.append(ObjectInfo(self._rel(item["name"]), int(item["size"]), _when(item)))
                 token = page.get("nextPageToken") or ""
                 if not token:
                     return sorted(out, key=lambda o: o.key)
@@ -825,3 +826,14 @@ class _FileBody:
         finally:
             if not pending.done():
                 pending.cancel()
+
+
+def _when(item: dict[str, Any]) -> float | None:
+    """``updated`` (RFC 3339) of a listed object as seconds since the epoch, if valid."""
+    value = item.get("updated")
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

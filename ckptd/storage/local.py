@@ -254,7 +254,7 @@ class LocalStore(Store):
                     except FileNotFoundError:
                         continue
                     if stat.S_ISREG(st.st_mode):  # a link is not an object
-                        out.append(ObjectInfo(key, st.st_size))
+                        out.append(ObjectInfo(key, st.st_size, st.st_mtime))
             return sorted(out, key=lambda o: o.key)
 
         return await asyncio.to_thread(walk)

@@ -536,7 +536,7 @@ class S3Store(Store):
                 paginator = client.get_paginator("list_objects_v2")
                 async for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                     for obj in page.get("Contents", []):
-                        out.append(ObjectInfo(self._rel(obj["Key"]), int(obj["Size"])))
+                        out.append(ObjectInfo(self._rel(obj["Key"]), int(obj["Size"]), _when(obj)))
             return sorted(out, key=lambda o: o.key)
 
         return await self._retry(run, what)
@@ -1006,3 +1006,9 @@ class S3Store(Store):
             ),
             what,
         )
+
+
+def _when(obj: dict[str, Any]) -> float | None:
+    """LastModified of a listed object as seconds since the epoch, if the server gave one."""
+    value = obj.get("LastModified")
+    return value.timestamp() if hasattr(value, "timestamp") else None
