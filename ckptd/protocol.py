@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Self, TypeVar, Union, get_args, get_origin, ge
 
 import msgpack
 
+from .blobs import is_digest
 from .errors import ProtocolError
 
 VERSION = 1
@@ -288,10 +289,18 @@ class SaveFile(_Wire):
     segments: list[list[int]] | None = dataclasses.field(default=None, metadata=_OMIT)
     """``[offset, size]`` pairs that gather a part's data from the slot; None: one run at
     ``offset``."""
+    dedup: bool = dataclasses.field(default=False, metadata=_OMIT)
+    """The client expects the bytes to be stored already (frozen, or unchanged since its last
+    save): the daemon hashes them and links the run's copy if it has one."""
+    blob: str | None = dataclasses.field(default=None, metadata=_OMIT)
+    """Not staged: the client proved the file unchanged since a save whose ``committed``
+    named this blob (a content digest) for it."""
 
     def _validate(self) -> None:
         if any(len(seg) != 2 for seg in self.segments or ()):
             raise ProtocolError(f"{self.name}: segments must be [offset, size] pairs")
+        if self.blob is not None and not is_digest(self.blob):
+            raise ProtocolError(f"{self.name}: blob {self.blob!r} is not a content digest")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -409,6 +418,9 @@ class Committed(Event):
     path: str
     files: dict[str, dict[str, Any]] | None = dataclasses.field(default=None, metadata=_OMIT)
     """For a part: file name -> ``{"size", "crc32c"}`` as written, for the later commit."""
+    blobs: dict[str, str] | None = dataclasses.field(default=None, metadata=_OMIT)
+    """File name -> content digest, for the files stored as the run's shared blobs: what a
+    later save may refer to instead of staging them again (``SaveFile.blob``)."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -446,6 +458,8 @@ class StatusReport(Event):
     upload_queue: int
     bytes_written: int
     bytes_uploaded: int
+    bytes_deduped: int = dataclasses.field(default=0, metadata=_OMIT)
+    """Bytes of saves that the root or the store held already (linked, not written again)."""
     store_retries: dict[str, int] = dataclasses.field(default_factory=dict)
     """Request retries each store made so far (the stores' own retry layer)."""
     store_capabilities: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -25,9 +25,12 @@ import enum
 import json
 import logging
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from .blobs import BLOB_DIR, blob_files
 from .errors import CkptdError, ConfigError
 from .names import check_name
 from .storage import Store, join_key
@@ -98,6 +101,8 @@ class Retention:
 class Plan:
     delete: list[dict[str, Any]]
     strip_optim: list[dict[str, Any]]
+    blobs: list[str] = field(default_factory=list)
+    """Shared blobs deleted (or, dry run, to delete) because no checkpoint lists them."""
 
 
 def plan(
@@ -159,21 +164,26 @@ def _metric(m: dict[str, Any], name: str) -> float | None:
 
 
 async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] | None = None,
-                dry_run: bool = False) -> Plan:  # fmt: skip
-    """Apply ``policy`` to the run ``run`` of ``store``; returns what it did (or would do)."""
+                dry_run: bool = False, protect_blobs: Callable[[], set[str]] | None = None,
+                blob_grace: float = 0.0, collect: bool = False) -> Plan:  # fmt: skip
+    """Apply ``policy`` to the run ``run`` of ``store``; returns what it did (or would do).
+
+    Then, when anything was deleted (or ``collect``), the run's shared blobs that no remaining
+    manifest lists are deleted (``collect_blobs``)."""
     from .catalog import list_manifests  # the one place that knows how to list a run
 
     check_name(run, "run")
     manifests = await list_manifests(_Scoped(store, run))
     decided = plan(manifests, policy, protect or set())
     if dry_run:
+        decided.blobs = await collect_blobs(store, run, protect_blobs, blob_grace, dry_run=True)
         return decided
     prefix = join_key(run, "checkpoints")
     for m in decided.delete:
         ck = join_key(prefix, m["tag"])
         try:
             await store.delete(join_key(ck, "MANIFEST.json"))
-            for name in m["files"]:
+            for name in m["files"]:  # a shared file's key here is the root's hard link only
                 await store.delete(join_key(ck, name))
             log.info("retention: deleted %s@%s from %s", run, m["tag"], store.url)
         except (CkptdError, OSError) as e:
@@ -194,7 +204,55 @@ async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] 
             log.info("retention: dropped optimizer state of %s@%s in %s", run, m["tag"], store.url)
         except (CkptdError, OSError) as e:
             log.warning("retention: could not slim %s@%s in %s: %s", run, m["tag"], store.url, e)
+    if decided.delete or decided.strip_optim or collect:
+        decided.blobs = await collect_blobs(store, run, protect_blobs, blob_grace)
     return decided
+
+
+async def collect_blobs(
+    store: Store,
+    run: str,
+    protect: Callable[[], set[str]] | None = None,
+    grace: float = 0.0,
+    *,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the run's blobs (``<run>/shared/``) that no manifest lists; returns their names.
+
+    Crash-safe by order: the manifests are listed after the checkpoints were deleted, and the
+    blobs to keep are those they list, those ``protect()`` names (saves still in flight, asked
+    last, after the listing) and those younger than ``grace`` seconds (another writer's save of
+    the same run, e.g. a DCP rank on another node, whose manifest is not written yet). A listing
+    that fails deletes nothing.
+    """
+    from .catalog import list_manifests
+
+    shared = join_key(run, BLOB_DIR)
+    objects = await store.list(shared + "/")
+    if not objects:
+        return []
+    manifests = await list_manifests(_Scoped(store, run))
+    keep = set(blob_files(manifests))
+    if protect is not None:
+        keep |= protect()
+    now = time.time()
+    gone = []
+    for o in objects:
+        name = o.key[len(shared) + 1 :]
+        if name in keep or "/" in name:
+            continue
+        if grace > 0 and (o.mtime is None or now - o.mtime < grace):
+            continue
+        gone.append(name)
+        if dry_run:
+            continue
+        try:
+            await store.delete(o.key)
+            log.info("retention: deleted blob %s/%s from %s (no checkpoint lists it)",
+                     shared, name, store.url)  # fmt: skip
+        except (CkptdError, OSError) as e:
+            log.warning("retention: could not delete blob %s from %s: %s", o.key, store.url, e)
+    return gone
 
 
 class _Scoped(Store):

@@ -30,7 +30,9 @@ from typing import Any
 import crc32c
 
 from ..atomic import fsync_dir, temp_name, write_atomic
+from ..blobs import blob_file, hasher
 from ..errors import SaveError
+from .blobstore import Dedup, hash_staged, read_head
 from .lease import BytesSource, Source
 
 _WRITE_CHUNK = 8 << 20  # write + start writeback
@@ -46,6 +48,11 @@ class StagedFile:
     segments: list[tuple[int, int]] | None = None
     """(offset, size) pieces of the slot, in file order, when the data section is not one run:
     a DCP rank writes a subset of what it staged, and gathering beats a second copy."""
+    dedup: bool = False
+    """The client expects these bytes to be stored already (frozen, or unchanged since its last
+    save): hash first, and link the run's blob instead of writing when there is one."""
+    blob: str | None = None
+    """Not staged at all: the client proved the file unchanged, and names the run's blob."""
 
     def pieces(self) -> list[tuple[int, int]]:
         if self.segments is None:
@@ -80,10 +87,12 @@ def _chunks(pieces: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
             yield offset + pos, min(_WRITE_CHUNK, size - pos)
 
 
-def _fill(source: Source, buf: bytearray, offset: int, n: int, crc: int) -> int:
+def _fill(source: Source, buf: bytearray, offset: int, n: int, crc: int, digest: Any) -> int:
     view = memoryview(buf)[:n]
     try:
         source.read_into(offset, view)
+        if digest is not None:
+            digest.update(view)
         return crc32c.crc32c(view, crc)  # type: ignore[no-any-return]
     finally:
         view.release()
@@ -95,9 +104,11 @@ def _write_unsynced(
     source: Source,
     pieces: list[tuple[int, int]],
     progress: Callable[[int], None],
+    digest: Any = None,
 ) -> tuple[int, int]:
     """Create ``path`` and write header + data, with the disk already writing behind; returns
-    (the open fd, which the caller must fsync and close; the CRC32C of the file).
+    (the open fd, which the caller must fsync and close; the CRC32C of the file). ``digest``,
+    a content hasher, is fed the same bytes in order.
 
     Each chunk is copied out of the source into one of two buffers of the daemon's own and
     checksummed there by a helper thread while the other buffer is being written, so the bytes
@@ -106,6 +117,8 @@ def _write_unsynced(
     fsync only waits for the tail.
     """
     crc = crc32c.crc32c(header)
+    if digest is not None:
+        digest.update(header)
     chunks = _chunks(pieces)
     first = next(chunks, None)
     biggest = min(_WRITE_CHUNK, max((n for _, n in pieces), default=0))
@@ -115,14 +128,16 @@ def _write_unsynced(
     try:
         at = _write_all(fd, memoryview(header))
         if first is not None:
-            pending = _HASHERS.submit(_fill, source, bufs[0], first[0], first[1], crc)
+            pending = _HASHERS.submit(_fill, source, bufs[0], first[0], first[1], crc, digest)
         current, i = first, 0
         while current is not None and pending is not None:
             crc = pending.result()
             pending = None
             nxt = next(chunks, None)
             if nxt is not None:  # read the next chunk while this one is written
-                pending = _HASHERS.submit(_fill, source, bufs[(i + 1) % 2], nxt[0], nxt[1], crc)
+                pending = _HASHERS.submit(
+                    _fill, source, bufs[(i + 1) % 2], nxt[0], nxt[1], crc, digest
+                )
             n = _write_all(fd, memoryview(bufs[i % 2])[: current[1]])
             _start_writeback(fd, at, n)
             at += n
@@ -195,29 +210,55 @@ def write_staged(
     inline: dict[str, bytes],
     slot: Source,
     progress: Callable[[int], None],
+    dedup: Dedup | None = None,
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """Step 1: every data file into ``<tag>.partial``. Returns (partial dir, file records).
-    On any error the partial directory is removed."""
+    On any error the partial directory is removed.
+
+    With ``dedup``, a file the client marked is hashed first and, when the run holds a blob of
+    those bytes, hard-linked from it instead of written; written ones become blobs. A file the
+    client did not stage (``blob``) must be a blob here already."""
     partial = _fresh_partial(root, run, tag)
     records: dict[str, dict[str, Any]] = {}
     fds: list[int] = []
+    new_blobs: list[tuple[StagedFile, str, int, Any]] = []
     try:
         # Every file is written before any is fsynced: one file's writeback overlaps the next
         # file's copy, and the fsyncs at the end mostly find their data on disk already.
         for f in files:
-            fd, crc = _write_unsynced(
-                os.path.join(partial, f.name), f.header, slot, f.pieces(), progress
-            )
+            path = os.path.join(partial, f.name)
+            size = len(f.header) + f.size
+            if dedup is not None and (f.blob is not None or f.dedup):
+                linked = _link_blob(dedup, f, slot, path)
+                if linked is not None:
+                    records[f.name] = {"size": size, "crc32c": crc_hex(linked[1]),
+                                       "blob": linked[0]}  # fmt: skip
+                    dedup.deduped += size
+                    continue
+            digest = hasher() if dedup is not None and f.dedup else None
+            fd, crc = _write_unsynced(path, f.header, slot, f.pieces(), progress, digest)
             fds.append(fd)
-            records[f.name] = {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
+            records[f.name] = {"size": size, "crc32c": crc_hex(crc)}
+            if dedup is not None:
+                dedup.new_bytes += size
+            if digest is not None:
+                new_blobs.append((f, path, crc, digest))
         for name, data in inline.items():
             fd, crc = _write_unsynced(
                 os.path.join(partial, name), b"", BytesSource(data), [(0, len(data))], progress
             )
             fds.append(fd)
             records[name] = {"size": len(data), "crc32c": crc_hex(crc)}
+            if dedup is not None:
+                dedup.new_bytes += len(data)
         for fd in fds:
             os.fsync(fd)
+        for f, path, crc, digest in new_blobs:
+            assert dedup is not None
+            value = str(digest.hexdigest())
+            dedup.refs.add(blob_file(f.name, value))
+            dedup.blobs.adopt(run, f.name, value, path, crc)
+            records[f.name]["blob"] = value
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -225,6 +266,29 @@ def write_staged(
         for fd in fds:
             os.close(fd)
     return partial, records
+
+
+def _link_blob(dedup: Dedup, f: StagedFile, slot: Source, path: str) -> tuple[str, int] | None:
+    """Link the run's blob of ``f``'s bytes to ``path``: (digest, CRC32C), or None when the
+    file must be written (no such blob). A reference to a blob that is gone fails the save."""
+    size = len(f.header) + f.size
+    digest = f.blob if f.blob is not None else hash_staged(f.header, slot, f.pieces())
+    dedup.refs.add(blob_file(f.name, digest))  # before the lookup: retention keeps it now
+    found = dedup.blobs.lookup(dedup.run, f.name, digest, size)
+    if found is None or (f.blob is not None and read_head(found[0], len(f.header)) != f.header):
+        if f.blob is None:
+            return None
+        raise SaveError(
+            f"{f.name}: the unchanged data this save refers to (blob {digest[:12]}) is no "
+            "longer in the daemon's root; the next save stages it again"
+        )
+    try:
+        os.link(found[0], path, follow_symlinks=False)
+    except FileNotFoundError:  # removed between the lookup and the link (retention)
+        if f.blob is not None:
+            raise SaveError(f"{f.name}: blob {digest[:12]} was removed during this save") from None
+        return None
+    return digest, found[1]
 
 
 def parts_dir(root: str, run: str, tag: str) -> str:

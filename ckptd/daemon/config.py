@@ -38,6 +38,9 @@ class DaemonConfig:
     local_retention: Retention = field(default_factory=lambda: Retention(keep_last=KEEP_LOCAL))
     """What to keep in the root when uploading elsewhere: the newest ``KEEP_LOCAL`` by default
     (``Retention()`` keeps all). A copy whose upload is owed is never deleted, nor the newest."""
+    blob_grace: float = 3600.0
+    """Seconds a store's shared blob that no manifest lists yet is kept (another node's rank
+    may be about to list it); the root's are collected at once (only this daemon writes it)."""
     upload_every: int = 1
     """Upload every K-th committed checkpoint of a run (counted since the daemon started); the
     others stay "local only". The newest one of each run is uploaded anyway at a drain, at

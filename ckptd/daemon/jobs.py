@@ -87,6 +87,13 @@ class Job:
     """For one rank's part of a sharded (DCP) checkpoint: its file name. Parts have no manifest
     of their own; a ``commit`` request lists them once every rank's part is in place."""
     files: dict[str, Any] = field(default_factory=dict)  # name -> {size, crc32c}, once written
+    blobs: set[str] = field(default_factory=set)
+    """The run's shared blobs this checkpoint uses (``ckptd.blobs``): while it is pending,
+    retention never deletes them, even before its manifest exists."""
+    bytes_new: int | None = None
+    """Bytes this save wrote that were not stored already; None: not known (a part, an owed
+    upload found at start)."""
+    bytes_deduped: int = 0
 
     @property
     def key(self) -> str:
@@ -160,6 +167,7 @@ class Job:
             "phase": str(phase),
             "store": self.store,
             "bytes_total": self.bytes_total,
+            "bytes_new": self.bytes_new,
             "bytes_written": self.bytes_written,
             "bytes_uploaded": self.bytes_uploaded,
             "bytes_done": min(done, self.bytes_total) if self.bytes_total else done,
@@ -204,6 +212,8 @@ class Stats:
 
     bytes_written: int = 0
     bytes_uploaded: int = 0
+    bytes_deduped: int = 0
+    """Bytes of saves that were stored already (linked, not written; not uploaded again)."""
     saves: int = 0
     """Checkpoints accepted: whole saves and sharded commits (not their parts, nor the ones a
     restarted daemon found owed)."""

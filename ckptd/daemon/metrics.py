@@ -129,6 +129,9 @@ def render(snap: Snapshot, *, openmetrics: bool = False) -> str:
     p.sample("ckptd_bytes_written_total", st.bytes_written)
     p.family("ckptd_bytes_uploaded_total", "counter", "Bytes the stores confirmed.")
     p.sample("ckptd_bytes_uploaded_total", st.bytes_uploaded)
+    p.family("ckptd_bytes_deduped_total", "counter",
+             "Bytes of saves stored already (a shared blob), not written again.")  # fmt: skip
+    p.sample("ckptd_bytes_deduped_total", st.bytes_deduped)
     p.family("ckptd_retries_total", "counter",
              "Retries by store: layer=request (one store request), layer=upload (a whole "
              "checkpoint upload queued again).")  # fmt: skip

@@ -380,6 +380,7 @@ class Daemon:
             "upload_queue": len(self.uploads.queue),
             "bytes_written": self.stats.bytes_written,
             "bytes_uploaded": self.stats.bytes_uploaded,
+            "bytes_deduped": self.stats.bytes_deduped,
             "store_retries": self.stores.retries(),
             "store_capabilities": self.stores.capabilities(),
             "mirrors": self.mirrors.pending(),

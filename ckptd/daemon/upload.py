@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..atomic import write_atomic
+from ..blobs import file_parts
 from ..errors import AlreadyExistsError, NotFoundError
 from ..storage import Store, join_key
 from ..storage.base import run_all
@@ -83,12 +84,19 @@ async def upload_checkpoint(
     file_concurrency: int,
     progress: Callable[[int], None],
     with_retries: Callable[..., Any],
+    blob_lock: Callable[[str], asyncio.Lock] | None = None,
+    skipped: Callable[[int], None] | None = None,
 ) -> None:
     """Upload one committed checkpoint; raises a StorageError subclass when it cannot.
 
     Never overwrites: if the store already holds a manifest for this tag that is not this
     checkpoint's (another machine's run of the same name), nothing is uploaded and
     ``AlreadyExistsError`` says so; the manifest itself is written create-only.
+
+    A file shared with other checkpoints (``blob``) goes to ``<run>/shared/`` only if the store
+    does not hold it yet (``skipped(size)`` counts it otherwise); ``blob_lock(key)`` keeps two
+    checkpoints from uploading one blob at once. After the manifest, every blob it lists is
+    checked to be there still, and put again if it is not (a ``ckptd gc`` elsewhere raced it).
     """
     ck = checkpoint_dir(root, run, tag)
     try:
@@ -108,19 +116,32 @@ async def upload_checkpoint(
     os.makedirs(jdir, exist_ok=True)
     sem = asyncio.Semaphore(file_concurrency)
 
+    async def put(name: str, rec: dict[str, Any]) -> None:
+        key = join_key(run, *file_parts(tag, name, rec))
+        await with_retries(
+            lambda: store.put_file(
+                key,
+                os.path.join(ck, name),
+                size=int(rec["size"]),
+                crc32c=int(rec["crc32c"], 16),
+                journal=os.path.join(jdir, name + ".json"),
+                progress=progress,
+            ),
+            what=f"upload {run}@{tag}/{name}",
+        )
+
     async def one(name: str, rec: dict[str, Any]) -> None:
         async with sem:
-            await with_retries(
-                lambda: store.put_file(
-                    join_key(prefix, name),
-                    os.path.join(ck, name),
-                    size=int(rec["size"]),
-                    crc32c=int(rec["crc32c"], 16),
-                    journal=os.path.join(jdir, name + ".json"),
-                    progress=progress,
-                ),
-                what=f"upload {run}@{tag}/{name}",
-            )
+            if rec.get("blob") is None:
+                await put(name, rec)
+                return
+            key = join_key(run, *file_parts(tag, name, rec))
+            async with blob_lock(key) if blob_lock is not None else contextlib.nullcontext():
+                if await has_object(store, key, int(rec["size"]), with_retries):
+                    if skipped is not None:
+                        skipped(int(rec["size"]))
+                    return
+                await put(name, rec)
 
     # Largest first, so the long pole starts early. A failed file cancels its siblings before
     # anything is retried, so no two uploads of one key (and its journal) ever overlap.
@@ -136,6 +157,20 @@ async def upload_checkpoint(
         # else means another writer committed the tag meanwhile.
         if await remote_manifest_differs(store, manifest_key, manifest_bytes, with_retries):
             raise
+    for name, rec in files:
+        if rec.get("blob") is None:
+            continue
+        key = join_key(run, *file_parts(tag, name, rec))
+        if not await has_object(store, key, int(rec["size"]), with_retries):
+            log.warning("%s vanished from %s while %s@%s was uploaded (a gc elsewhere?); "
+                        "putting it back", key, store.url, run, tag)  # fmt: skip
+            await put(name, rec)
+
+
+async def has_object(store: Store, key: str, size: int, with_retries: Callable[..., Any]) -> bool:
+    """Whether the store holds ``key`` with ``size`` bytes (one listing request)."""
+    found = await with_retries(lambda: store.list(key), what=f"check {key}")
+    return any(o.key == key and o.size == size for o in found)
 
 
 async def remote_manifest_differs(

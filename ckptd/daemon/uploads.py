@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,10 @@ class UploadStage:
         self._watcher: asyncio.Task[Any] | None = None
         self._recheck: set[str] = set()  # keys whose slow backoff a drain cut short
         self._failed_at: dict[str, float] = {}  # key -> monotonic time of its last failure
+        self._blob_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )  # store key of a shared blob -> the upload that puts it
+        self._retaining: dict[str, asyncio.Lock] = {}  # run -> its retention pass
         if cfg.upload_limit is not None:  # one budget for every upload of this daemon
             stores.limit(TokenBucket(cfg.upload_limit).acquire)
             log.info("uploads limited to %s in all", human_rate(cfg.upload_limit))
@@ -319,6 +324,8 @@ class UploadStage:
             file_concurrency=self.cfg.file_concurrency,
             progress=progress,
             with_retries=_once,
+            blob_lock=lambda key: self._blob_lock(f"{job.store}\n{key}"),
+            skipped=lambda n: self._skipped(job, n),
         )
         await self.stores.advance_latest(job.store, job.run, job.tag, job.step)
         await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
@@ -438,22 +445,50 @@ class UploadStage:
         its store; a failed delete is logged, never fatal."""
         self._spawn(self._retain(job))
 
+    def _blob_lock(self, key: str) -> asyncio.Lock:
+        lock = self._blob_locks.get(key)
+        if lock is None:
+            lock = self._blob_locks[key] = asyncio.Lock()
+        return lock
+
+    def _skipped(self, job: Job, n: int) -> None:
+        """A blob the store holds already: not uploaded, and not counted as uploaded."""
+        job.bytes_deduped += n
+
+    def in_flight_blobs(self, run: str) -> set[str]:
+        """The shared blobs that pending checkpoints of ``run`` use (before their manifests
+        are listed anywhere): retention never deletes them."""
+        return {b for j in self.jobs.values() if j.run == run and j.pending for b in j.blobs}
+
     async def _retain(self, job: Job) -> None:
+        lock = self._retaining.setdefault(job.run, asyncio.Lock())
+        async with lock:  # one pass per run at a time: passes that overlap only repeat work
+            await self._retain_now(job)
+
+    async def _retain_now(self, job: Job) -> None:
         pending = {j.tag for j in self.jobs.values() if j.run == job.run and j.pending}
         root = self.stores.get(self.cfg.root)
+
+        def in_flight() -> set[str]:
+            return self.in_flight_blobs(job.run)
+
         try:
             if self.stores.is_root(job.store):
                 if self.cfg.retention.active:
-                    await retention.apply(root, job.run, self.cfg.retention, protect=pending)
+                    await retention.apply(root, job.run, self.cfg.retention, protect=pending,
+                                          protect_blobs=in_flight)  # fmt: skip
                 return
             assert job.store is not None
             if self.cfg.retention.active:
-                await retention.apply(self.stores.get(job.store), job.run, self.cfg.retention)
+                await retention.apply(self.stores.get(job.store), job.run, self.cfg.retention,
+                                      protect_blobs=in_flight,
+                                      blob_grace=self.cfg.blob_grace)  # fmt: skip
             if self.cfg.local_retention.active:
                 owed = {tag for run, tag, _ in pending_records(self.cfg.root) if run == job.run}
                 owed |= abandoned_tags(self.cfg.root, job.run)  # abandoned: the copy stays
                 await retention.apply(root, job.run, self.cfg.local_retention,
-                                      protect=pending | owed)  # fmt: skip
+                                      protect=pending | owed,
+                                      protect_blobs=in_flight)  # fmt: skip
         except (CkptdError, OSError) as e:
             log.warning("retention for %s failed (nothing lost): %s", job.run, e)
 

@@ -37,6 +37,7 @@ from ..names import check_file_name, check_name
 from ..protocol import Committed, FrameReader, Released, SaveRequest, SlotRequest
 from ..storage import join_key
 from . import recovery
+from .blobstore import Dedup, LocalBlobs
 from .commit import StagedFile, commit, update_latest, write_part, write_staged
 from .config import DaemonConfig
 from .connections import Client
@@ -160,7 +161,7 @@ def _files(
             except CkptdError as e:
                 raise ProtocolError(f"{name}: {e}") from e
             names.add(name)
-            files.append(StagedFile(name, f.header, f.offset, f.size, segments))
+            files.append(StagedFile(name, f.header, f.offset, f.size, segments, f.dedup, f.blob))
             total += len(f.header) + f.size
         inline: dict[str, bytes] = {}
         for name, data in (req.inline or {}).items():
@@ -210,6 +211,7 @@ class WriteStage:
         self._committed = committed  # async: hand a committed job on (upload, or finish)
         self._orphaned = orphaned  # async: True if a part's rank went away (the part is dropped)
         self._sem = asyncio.Semaphore(cfg.writers)
+        self.blobs = LocalBlobs(cfg.root)
         self._latest: dict[str, int] = {}
         self._latest_lock = asyncio.Lock()
 
@@ -218,6 +220,7 @@ class WriteStage:
         job = save.job
         released = False
         partial: str | None = None
+        records: dict[str, Any] | None = None
         final = ""
         uploading = not self.stores.is_root(job.store)
         taken = None
@@ -242,10 +245,14 @@ class WriteStage:
                         )  # fmt: skip
                         job.files = {job.part: record}
                     else:
+                        dedup = Dedup(self.blobs, job.run, job.blobs)
                         partial, records = await asyncio.to_thread(
                             write_staged, self.cfg.root, job.run, job.tag, save.files,
-                            save.inline, source, progress,
+                            save.inline, source, progress, dedup,
                         )  # fmt: skip
+                        job.bytes_new = dedup.new_bytes
+                        job.bytes_deduped = dedup.deduped
+                        self.stats.bytes_deduped += dedup.deduped
             released = True
             self.jobs.send(job, Released(id=job.save_id or 0, slot=save.slot))
             if job.part is None:
@@ -287,7 +294,10 @@ class WriteStage:
             job.key, job.bytes_total / 2**20, took, job.bytes_total / 2**20 / max(took, 1e-6), final,
         )  # fmt: skip
         files = job.files if job.part is not None else None
-        self.jobs.send(job, Committed(id=job.save_id, tag=job.tag, path=final, files=files))
+        blobs = {n: r["blob"] for n, r in (records or {}).items() if "blob" in r} or None
+        self.jobs.send(
+            job, Committed(id=job.save_id, tag=job.tag, path=final, files=files, blobs=blobs)
+        )
         await self._committed(job)
 
     async def _failed(
