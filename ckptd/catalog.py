@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, TypeVar
 import crc32c
 
 from . import manifest as schema
+from .blobs import file_parts
 from .errors import (
     ConfigError,
     IntegrityError,
@@ -81,6 +82,20 @@ class Located:
         if self.directory is not None:
             return self.directory, []
         return local_path(self.url), ["checkpoints", self.tag]
+
+    def parts(self, name: str) -> list[str]:
+        """Where the listed file ``name`` lies below the run (the store URL): in
+        ``checkpoints/<tag>/``, or in ``shared/`` for data shared with other checkpoints
+        (``ckptd.blobs``); in a bare directory, under its own name."""
+        if self.directory is not None:
+            return [name]
+        return file_parts(self.tag, name, self.manifest["files"][name])
+
+    def local_file(self, name: str) -> tuple[str, list[str]]:
+        """A local listed file as (base directory, parts below it), for ``open_listed``."""
+        if self.directory is not None:
+            return self.directory, [name]
+        return local_path(self.url), self.parts(name)
 
 
 # ---- reading local files without following links -------------------------------------------------
@@ -381,26 +396,19 @@ def _check_located(loc: Located) -> Located:
         except IntegrityError as e:
             raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
         return loc
-    base, parts = loc.source()
     try:
         with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
-            _verify_dir(base, parts, loc.manifest, p)
+            for name, rec in loc.manifest["files"].items():
+                _check_file(*loc.local_file(name), rec, p)
     except IntegrityError as e:
         raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
     return loc
 
 
-def _verify_dir(
-    base: str, parts: list[str], manifest: dict[str, Any], progress: ProgressFn | None = None
-) -> None:
-    for name, rec in manifest["files"].items():
-        _check_file(base, [*parts, name], rec, progress)
-
-
 def _check_file(
     base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
 ) -> None:
-    """Read one listed file, checking size and CRC32C."""
+    """Read one listed file, checking size and CRC32C; errors name its last part."""
     name = parts[-1]
     value = 0
     with open_listed(base, parts, rec) as f:

@@ -83,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 mode=args.keep_best_mode,
             ),
             local_retention=keep_local_retention(args),
+            blob_grace=args.blob_grace,
             upload_every=args.upload_every,
             store_options=StoreOptions(
                 sse=args.sse, kms_key=args.kms_key, storage_class=args.storage_class
@@ -337,22 +338,33 @@ def cmd_abandon(args: argparse.Namespace) -> int:
 # ---- reading stores ------------------------------------------------------------------------------------
 
 
+def _total_bytes(manifest: dict[str, Any]) -> int:
+    return sum(int(f["size"]) for f in manifest["files"].values())
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    from .blobs import new_bytes
     from .catalog import list_checkpoints, list_runs
     from .experiment import list_records
 
     manifests = list_checkpoints(args.url)
     records = list_records(args.url)
     if manifests or records:
+        fresh = new_bytes(manifests)  # oldest first: a shared file is new where first listed
         if args.json:
-            print(json.dumps({"checkpoints": manifests, "records": records}, indent=1))
+            rows = [
+                {**m, "total_bytes": _total_bytes(m), "new_bytes": n}
+                for m, n in zip(manifests, fresh, strict=True)
+            ]
+            print(json.dumps({"checkpoints": rows, "records": records}, indent=1))
             return 0
         if manifests:
-            print(f"{'TAG':<30} {'STEP':>10} {'SIZE':>12}  CREATED")
-        for m in manifests:
-            size = sum(int(f["size"]) for f in m["files"].values())
+            print(f"{'TAG':<30} {'STEP':>10} {'SIZE':>12} {'NEW':>12}  CREATED")
+        for m, n in zip(manifests, fresh, strict=True):
+            size = _total_bytes(m)
             print(
-                f"{m['tag']:<30} {m.get('step', '?'):>10} {_human(size):>12}  {m.get('created', '?')}"
+                f"{m['tag']:<30} {m.get('step', '?'):>10} {_human(size):>12} {_human(n):>12}  "
+                f"{m.get('created', '?')}"
             )
         if records:
             print(f"\n{'RECORD (experiment/)':<42} {'SIZE':>12}")
@@ -454,11 +466,21 @@ def _retention_args(sp: argparse.ArgumentParser) -> None:
         help="min: lower is better (a loss); max: higher is better (an accuracy) "
         "(default: %(default)s)",
     )
+    sp.add_argument(
+        "--blob-grace",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="keep shared data (<run>/shared/, what incremental checkpoints reference) that no "
+        "checkpoint lists yet for S seconds after it was written: another writer's save of the "
+        "run (a DCP rank on another node) may be about to list it. The local root, which only "
+        "this daemon writes, needs no grace (default: 3600)",
+    )
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from .catalog import list_checkpoints, list_runs, run_sync
-    from .retention import Retention, apply
+    from .retention import Plan, Retention, apply, collect_blobs
     from .storage import join_key, open_store
 
     policy = Retention(keep_last=args.keep_last, keep_every=args.keep_every,
@@ -471,31 +493,42 @@ def cmd_gc(args: argparse.Namespace) -> int:
         base, runs = args.url, list_runs(args.url)
     verb = ("would delete", "would drop") if args.dry_run else ("deleted", "dropped")
 
-    async def go() -> tuple[int, int, int]:
-        deleted = slimmed = aborted = 0
+    async def go() -> tuple[int, int, int, int]:
+        deleted = slimmed = aborted = blobs = 0
         async with open_store(base) as store:
             for run in runs:
                 if policy.active:
-                    done = await apply(store, run, policy, dry_run=args.dry_run)
-                    for m in done.delete:
-                        print(f"{verb[0]} {run}@{m['tag']}")
-                    for m in done.strip_optim:
-                        print(f"{verb[1]} optimizer state of {run}@{m['tag']}")
-                    deleted += len(done.delete)
-                    slimmed += len(done.strip_optim)
+                    done = await apply(store, run, policy, dry_run=args.dry_run,
+                                       blob_grace=args.blob_grace, collect=True)  # fmt: skip
+                else:
+                    done = Plan([], [])
+                    done.blobs = await collect_blobs(
+                        store, run, grace=args.blob_grace, dry_run=args.dry_run
+                    )
+                for m in done.delete:
+                    print(f"{verb[0]} {run}@{m['tag']}")
+                for m in done.strip_optim:
+                    print(f"{verb[1]} optimizer state of {run}@{m['tag']}")
+                for name in done.blobs:
+                    print(f"{verb[0]} {run}/shared/{name} (no checkpoint lists it)")
+                deleted += len(done.delete)
+                slimmed += len(done.strip_optim)
+                blobs += len(done.blobs)
                 if not args.dry_run:
                     aborted += await store.abort_stale_uploads(
                         join_key(run, "") + "/", args.stale_hours * 3600
                     )
-        return deleted, slimmed, aborted
+        return deleted, slimmed, aborted, blobs
 
-    deleted, slimmed, aborted = run_sync(go())
+    deleted, slimmed, aborted, blobs = run_sync(go())
     if args.dry_run:
         print(f"gc {args.url} (dry run, nothing changed): {len(runs)} run(s); would delete "
-              f"{deleted} checkpoint(s), would slim {slimmed}")  # fmt: skip
+              f"{deleted} checkpoint(s) and {blobs} unlisted shared file(s), would slim "
+              f"{slimmed}")  # fmt: skip
         return 0
     print(f"gc {args.url}: {len(runs)} run(s); {deleted} checkpoint(s) deleted, "
-          f"{slimmed} slimmed, {aborted} stale upload(s) aborted")  # fmt: skip
+          f"{blobs} unlisted shared file(s) deleted, {slimmed} slimmed, "
+          f"{aborted} stale upload(s) aborted")  # fmt: skip
     return 0
 
 
@@ -692,7 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_exec_arguments(s)
 
-    s = add("ls", "list the runs of a store, or the checkpoints of a run", cmd_ls)
+    s = add(
+        "ls",
+        "list the runs of a store, or the checkpoints of a run (SIZE: every file it needs; "
+        "NEW: the bytes it stored first, shared data that an older checkpoint lists not counted)",
+        cmd_ls,
+    )
     s.add_argument(
         "url", help="a store or run URL: a path, file:///..., s3://bucket/prefix, gs://..."
     )

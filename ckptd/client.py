@@ -47,6 +47,7 @@ from .protocol import (
     Welcome,
 )
 from .stager import Fence, Stager
+from .unchanged import Unchanged
 
 log = logging.getLogger("ckptd.client")
 
@@ -186,6 +187,14 @@ class Checkpointer:
             saves; ``save()`` on the others returns at once (no collective, no waiting) and they
             connect to the daemon only if they restore by themselves. None: every rank saves
             (each rank then needs its own ``run``, e.g. model-parallel state per rank).
+        dedup: store bytes that did not change once per run (incremental checkpoints): a
+            module's frozen parameters go to ``<model>.frozen.safetensors``, and the daemon
+            links, rather than writes and uploads, any file whose content (BLAKE3) the run
+            stored already. False: one weights file per model, every file written each time.
+        skip_unchanged: do not even copy into shared memory a file whose tensors kept their
+            storage and version counter since its last save (``ckptd.unchanged``). Exact for
+            writes through PyTorch, not for writes that bypass the version counter
+            (``tensor.data``, NumPy views, custom kernels): hence off by default.
     """
 
     def __init__(
@@ -199,8 +208,14 @@ class Checkpointer:
         on_preempt: Callable[[], None] | None = None,
         timeout: float = 10.0,
         save_rank: int | None = 0,
+        dedup: bool = True,
+        skip_unchanged: bool = False,
     ) -> None:
         self.run = check_name(run, "run")
+        if skip_unchanged and not dedup:
+            raise ConfigError("skip_unchanged needs dedup (it refers to data stored once)")
+        self.dedup = dedup
+        self._unchanged = Unchanged(skip_unchanged) if dedup else None
         try:
             self.backpressure = Backpressure(backpressure)
         except ValueError:
@@ -296,6 +311,8 @@ class Checkpointer:
         return self._ensure_connected().request(msg, timeout=timeout)
 
     def _on_disconnect(self) -> None:
+        if self._unchanged is not None:
+            self._unchanged.failed(-1)  # another daemon may come: refer to nothing it may lack
         with self._lock:
             pending = list(self._handles.items())
             self._handles.clear()
@@ -335,12 +352,16 @@ class Checkpointer:
         elif isinstance(ev, Committed):
             if ev.files is not None:
                 handle.files = ev.files
+            if self._unchanged is not None:
+                self._unchanged.committed(sid, ev.blobs)
             handle._advance("committed", ev.path)
         elif isinstance(ev, Uploaded):
             handle._advance("uploaded")
             with self._lock:
                 self._handles.pop(sid, None)
         elif isinstance(ev, Failed):
+            if self._unchanged is not None:
+                self._unchanged.failed(sid)
             error = SaveError(ev.error)
             if handle._state == "staged":  # never committed: the loop must hear of it
                 with self._lock:
@@ -406,7 +427,9 @@ class Checkpointer:
             raise ConfigError("nothing to save: pass model=, models=, optimizer= or extra=")
         self._wait_fence()  # a previous async copy must land before its slot is reused
         with _gc_paused():
-            plan = plan_save(all_models, all_optims if save_optim else {}, extra, self._plans)
+            plan = plan_save(all_models, all_optims if save_optim else {}, extra, self._plans,
+                             dedup=self.dedup)  # fmt: skip
+            snaps = self._unchanged.mark(plan) if self._unchanged is not None else None
         for opt in all_optims.values():
             if save_optim and isinstance(opt, torch.optim.Optimizer):
                 self._hook(opt)
@@ -433,6 +456,8 @@ class Checkpointer:
         sid = next(self._ids)
         handle = SaveHandle(tag, step)
         msg = self._request(sid, step, tag, plan, slot, epoch, sample, metrics)
+        if snaps is not None and self._unchanged is not None:
+            self._unchanged.staged(sid, snaps)
         with self._lock:
             self._handles[sid] = (handle, slot.index)
         if fence.is_async:
@@ -523,7 +548,14 @@ class Checkpointer:
         metrics: dict[str, float] | None,
     ) -> SaveRequest:
         files = [
-            SaveFile(name=f.name, header=f.header, offset=f.arena_offset, size=f.data_size)
+            SaveFile(
+                name=f.name,
+                header=f.header,
+                offset=f.arena_offset,
+                size=f.data_size,
+                dedup=f.dedup,
+                blob=f.reuse,
+            )
             for f in plan.files
         ]
         manifest: dict[str, Any] = {

@@ -9,6 +9,9 @@ packed without holes as the safetensors format requires.
 Files of one checkpoint (``<model>`` is ``model`` by default):
   ``<model>.weights.safetensors``  state_dict tensors under their own keys; tied tensors stored once,
                                    the other names in ``__metadata__["ckptd.aliases"]``.
+  ``<model>.frozen.safetensors``   with dedup on (the default), a module's frozen parameters
+                                   (``requires_grad=False``): stored apart, so that the daemon
+                                   keeps one copy for every checkpoint of the run.
   ``<model>.optim.safetensors``    optimizer tensors under their state_dict paths (``state.0.exp_avg``);
                                    the rest of the optimizer state as JSON in ``ckptd.optimizer``.
   ``extra.msgpack``                user extras as plain data; tensors and arrays go to
@@ -93,6 +96,8 @@ class FilePlan:
     sig: tuple[Any, ...] = ()
     entries_json: str = ""
     order: list[int] = field(default_factory=list)  # tensors[j] is the order[j]-th input
+    dedup: bool = False  # the daemon should look for these bytes among the run's blobs
+    reuse: str | None = None  # not staged: the daemon's blob (a digest) holds these bytes
 
 
 class PlanCache:
@@ -491,13 +496,38 @@ def _plain_optim_state(opt: torch.optim.Optimizer, cache: PlanCache) -> dict[str
     return {"state": state, "param_groups": param_groups}
 
 
+_REQUIRES_GRAD = attrgetter("requires_grad")
+
+
+def split_frozen(
+    tensors: dict[str, torch.Tensor], buffers: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable parameters and buffers, frozen parameters) of a module's tensors."""
+    flags = list(map(_REQUIRES_GRAD, tensors.values()))
+    if all(flags) or not any(isinstance(t, torch.nn.Parameter) for t in tensors.values()):
+        return tensors, {}
+    frozen = {
+        k: t
+        for (k, t), grad in zip(tensors.items(), flags, strict=True)
+        if not grad and k not in buffers and isinstance(t, torch.nn.Parameter)
+    }
+    if not frozen:
+        return tensors, {}
+    return {k: t for k, t in tensors.items() if k not in frozen}, frozen
+
+
 def plan_save(
     models: dict[str, Any],
     optimizers: dict[str, Any],
     extra: Any = None,
     cache: PlanCache | None = None,
+    *,
+    dedup: bool = False,
 ) -> SavePlan:
-    """Lay out a checkpoint. Raises ``SerializationError`` before anything is copied."""
+    """Lay out a checkpoint. Raises ``SerializationError`` before anything is copied.
+
+    ``dedup``: a module's frozen parameters go to ``<model>.frozen.safetensors``, marked for
+    the daemon to store once (``FilePlan.dedup``)."""
     b = _Builder(cache)
     inline: dict[str, bytes] = {}
     configs: dict[str, Any] = {}
@@ -512,9 +542,15 @@ def plan_save(
             skel, more = flatten(other, "__nontensor__", json_safe=True)
             tensors.update(more)
             meta["ckptd.nontensor"] = json.dumps(skel)
+        frozen: dict[str, torch.Tensor] = {}
+        if dedup and isinstance(obj, torch.nn.Module):
+            tensors, frozen = split_frozen(tensors, buffers)
         fname = f"{name}.weights.safetensors"
         b.add_file(fname, tensors, _meta_json(meta))
         sync.update(f"{fname}/{k}" for k in buffers if k in tensors)
+        if frozen:
+            b.add_file(f"{name}.frozen.safetensors", frozen, _meta_json({"format": "pt"}))
+            b.files[-1].dedup = True
     for name, obj in optimizers.items():
         osd = _optim_state(obj, f"optimizer {name!r}", cache)
         skel, tensors = _flatten_optim(name, osd, cache)

@@ -109,8 +109,19 @@ def file_tensors(buf: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor],
     return out, meta
 
 
-def _decode_model(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
-    sd: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("__nontensor__")}
+FROZEN = ".frozen.safetensors"
+WEIGHTS = ".weights.safetensors"
+
+
+def _decode_model(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    frozen: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """A model's state dict from its weights file and, when it has frozen parameters, its
+    ``.frozen.safetensors`` (stored apart so that it can be shared between checkpoints)."""
+    sd: dict[str, Any] = dict(frozen or {})
+    sd.update((k, v) for k, v in tensors.items() if not k.startswith("__nontensor__"))
     aliases = json.loads(meta.get("ckptd.aliases", "{}"))
     if not isinstance(aliases, dict):
         raise TypeError("ckptd.aliases is not an object")
@@ -147,10 +158,13 @@ def _decode_file(
     name: str, buf: torch.Tensor, result: dict[str, Any], extra: dict[str, Any]
 ) -> None:
     """Decode one verified file into ``result`` (models, optimizers) or ``extra`` (its parts)."""
-    if name.endswith(".weights.safetensors"):
-        model = check_name(name[: -len(".weights.safetensors")], "model name")
+    if name.endswith(FROZEN):
+        model = check_name(name[: -len(FROZEN)], "model name")
+        result.setdefault("__frozen__", {})[model] = file_tensors(buf, name)[0]
+    elif name.endswith(WEIGHTS):
+        model = check_name(name[: -len(WEIGHTS)], "model name")
         tensors, meta = file_tensors(buf, name)
-        result[model] = _decode_model(tensors, meta)
+        result[model] = _decode_model(tensors, meta, result.get("__frozen__", {}).pop(model, None))
     elif name.endswith(".optim.safetensors"):
         model = check_name(name[: -len(".optim.safetensors")], "model name")
         tensors, meta = file_tensors(buf, name)
@@ -203,8 +217,10 @@ def _decode_checkpoint(
     """Decode a validated manifest's verified files (``read_tensors``) into plain state."""
     result: dict[str, Any] = {"optimizers": {}}
     extra: dict[str, Any] = {"tensors": {}}
-    for name in manifest["files"]:
+    for name in file_order(manifest["files"]):
         _decode_checked(name, bufs.pop(name), result, extra)
+    if result.pop("__frozen__", None):
+        raise IntegrityError("a .frozen.safetensors file without its model's weights file")
     result["extra"] = _assemble_extra(extra)
     if "model" in result["optimizers"]:
         result["optimizer"] = result["optimizers"]["model"]
@@ -212,6 +228,12 @@ def _decode_checkpoint(
     if map_location is not None and str(map_location) != "cpu":
         result = _to_device(result, map_location)
     return result
+
+
+def file_order(files: dict[str, Any]) -> list[str]:
+    """Frozen parts first (a weights file's aliases may name their tensors), then weights,
+    then the rest, each in listed order."""
+    return sorted(files, key=lambda n: (not n.endswith(FROZEN), not n.endswith(WEIGHTS)))
 
 
 def _decode_checked(
@@ -461,8 +483,8 @@ def _apply_from(
     on_cpu = map_location is None or str(map_location) == "cpu"
     total = sum(int(rec["size"]) for rec in files.values())
     # Weights first, each dropped once applied; optimizer states then keep their buffers.
-    order = sorted(files, key=lambda n: (not n.endswith(".weights.safetensors"), n))
-    extra: dict[str, Any] = {"tensors": {}}
+    order = file_order(files)
+    extra: dict[str, Any] = {"tensors": {}, "frozen": {}}
 
     async def go(progress: Progress) -> None:
         src = Source.of(loc)  # one event loop for all files: the store's client lives in it
@@ -490,12 +512,16 @@ async def _apply_file(
     progress: ProgressFn,
 ) -> None:
     rec = src.loc.manifest["files"][fname]
-    model_name = fname[: -len(".weights.safetensors")]
-    obj = all_models.get(model_name) if fname.endswith(".weights.safetensors") else None
+    suffix = FROZEN if fname.endswith(FROZEN) else WEIGHTS
+    model_name = fname[: -len(suffix)]
+    obj = all_models.get(model_name) if fname.endswith((WEIGHTS, FROZEN)) else None
     if isinstance(obj, torch.nn.Module) and on_cpu and src.store is None:
         tensors, meta = await read_into_module(src, fname, rec, obj, progress)
+        if suffix == FROZEN:  # applied with its weights file, which comes next
+            extra["frozen"][model_name] = tensors
+            return
         try:
-            state = _decode_model(tensors, meta)
+            state = _decode_model(tensors, meta, extra["frozen"].pop(model_name, None))
         except (CkptdError, *_DECODE_ERRORS) as e:
             raise IntegrityError(f"{fname}: malformed content: {e!r}") from e
         obj.load_state_dict(state, strict=strict)
@@ -510,8 +536,9 @@ async def _apply_file(
     else:
         buf = torch.empty(int(rec["size"]), dtype=torch.uint8)
         await read_file(src, fname, rec, memoryview(buf.numpy()), progress)
-    result: dict[str, Any] = {"optimizers": {}}
+    result: dict[str, Any] = {"optimizers": {}, "__frozen__": extra["frozen"]}
     _decode_checked(fname, buf, result, extra)
+    result.pop("__frozen__")
     del buf  # a weights file's buffer goes once applied; an optimizer state keeps its views
     if not on_cpu:
         result = _to_device(result, map_location)

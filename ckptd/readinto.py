@@ -92,8 +92,7 @@ async def read_listed(
     """
     size = int(rec["size"])
     if src.store is None:
-        base, parts = src.loc.source()
-        with open_listed(base, [*parts, name], rec) as f:
+        with open_listed(*src.loc.local_file(name), rec) as f:
             fd = f.fileno()
 
             async def fetch(start: int, view: memoryview) -> int:
@@ -102,7 +101,7 @@ async def read_listed(
             return await read_ranges_into(
                 buf, offset, _LOCAL_PART, _LOCAL_THREADS, fetch, progress, src.gate
             )
-    key = join_key("checkpoints", src.loc.tag, name)
+    key = join_key(*src.loc.parts(name))
     try:
         return await src.store.read_into(key, buf, offset=offset, total=size, progress=progress)
     except NotFoundError as e:
@@ -264,9 +263,8 @@ async def map_file(
     what makes a local load faster than reading the file into a buffer of its own. ckptd never
     truncates or rewrites a committed file (every write is a new file renamed into place), so
     the mapping stays valid, even after retention deletes the checkpoint."""
-    base, parts = src.loc.source()
     size = int(rec["size"])
-    with open_listed(base, [*parts, name], rec) as f:
+    with open_listed(*src.loc.local_file(name), rec) as f:
         if size == 0:
             check_crc(name, rec, 0)
             return None

@@ -70,6 +70,8 @@ class Stager:
         cuda_now: list[tuple[torch.Tensor, torch.Tensor]] = []
         cuda_side: list[tuple[torch.Tensor, torch.Tensor]] = []
         for f in plan.files:
+            if f.reuse is not None:  # unchanged, and stored already: nothing to copy
+                continue
             index, views = _views(slot, f)
             srcs = f.srcs if len(index) == len(f.srcs) else pick_in_order(f.srcs, index)
             if all(map(_IS_CPU, srcs)):  # the common case, in one pass with no Python frame

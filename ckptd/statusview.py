@@ -84,6 +84,8 @@ def _header(st: dict[str, Any]) -> list[str]:
     )
     second = f"store {st.get('store') or '(the root)'}  root {st.get('root', '?')}  socket {st.get('socket', '?')}"
     totals = f"written {human_bytes(st.get('bytes_written') or 0)}  uploaded {human_bytes(st.get('bytes_uploaded') or 0)}"
+    if st.get("bytes_deduped"):
+        totals += f"  deduped {human_bytes(st['bytes_deduped'])}"
     if st.get("saves") is not None:
         totals += f"  saves {st['saves']}  failed {st.get('failures') or 0}"
     retries = sum((st.get("store_retries") or {}).values())
@@ -179,11 +181,11 @@ def _active_line(j: dict[str, Any], width: int, now: float, columns: int | None 
             if j.get("committed_at")
             else "waiting for a writer"
         )
-        return f"{lead}{human_bytes(total)}, {what}{_trouble(j)}"
+        return f"{lead}{_size(j)}, {what}{_trouble(j)}"
     if phase == "committed":
         at = j.get("retry_at")
         when = f", next upload try in {human_duration(at - now)}" if at else ""
-        return f"{lead}{human_bytes(total)} on local disk{when}{_trouble(j)}"
+        return f"{lead}{_size(j)} on local disk{when}{_trouble(j)}"
     if phase == "finishing":
         return (
             f"{lead}all {human_bytes(total)} sent; completing upload, manifest, latest{_trouble(j)}"
@@ -213,12 +215,20 @@ def _active_line(j: dict[str, Any], width: int, now: float, columns: int | None 
     return line + _trouble(j)
 
 
+def _size(j: dict[str, Any]) -> str:
+    """The checkpoint's size, and how much of it was new (incremental checkpoints)."""
+    total = int(j.get("bytes_total") or 0)
+    new = j.get("bytes_new")
+    if isinstance(new, int) and new < total:
+        return f"{human_bytes(total)} ({human_bytes(new)} new)"
+    return human_bytes(total)
+
+
 def _finished_line(j: dict[str, Any], width: int, now: float) -> str:
     phase = j["phase"]
-    total = int(j.get("bytes_total") or 0)
     name = _name(j)
     name = name if len(name) <= width else "…" + name[len(name) - width + 1 :]
-    lead = f"{name:<{width}}  {phase:<9}  {human_bytes(total)}"
+    lead = f"{name:<{width}}  {phase:<9}  {_size(j)}"
     if phase == "uploaded":
         at = j.get("uploaded_at")
         start = j.get("upload_started")
