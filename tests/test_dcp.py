@@ -232,9 +232,13 @@ def test_world4_over_two_daemons_to_a_shared_store_reshards_to_world2(
     assert_ok(run_world(4, {**base, "action": "save", "tag": "step-7", "mode": "async"},
                         tmp_path, "save"), tmp_path)  # fmt: skip
     ck = os.path.join(store, "big", "checkpoints", "step-7")
-    names = set(os.listdir(ck))
-    assert {"MANIFEST.json", "dcp-metadata.json"} <= names
-    assert sum(n.startswith("shard-") for n in names) >= 2  # parts from both daemons' ranks
+    assert {"MANIFEST.json", "dcp-metadata.json"} <= set(os.listdir(ck))
+    with open(os.path.join(ck, "MANIFEST.json")) as f:
+        files = json.load(f)["files"]
+    shards = {n: r for n, r in files.items() if n.startswith("shard-")}
+    assert len(shards) == 4  # parts from both daemons' ranks, each a shared blob of the run
+    blobs = set(os.listdir(os.path.join(store, "big", "shared")))
+    assert all(f"{r['blob']}.safetensors" in blobs for r in shards.values())
     ckptd.verify(os.path.join(store, "big"), "step-7")
     # Load with world 2 (resharding), from the store, through a daemon-less reader URL too.
     assert_ok(run_world(2, {**base, "action": "load", "tag": "step-7"}, tmp_path, "load"), tmp_path)
@@ -262,12 +266,12 @@ def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
 
-    def objects() -> set[str]:
-        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpts/big/checkpoints/step-11/")
+    def objects(prefix: str = "ckpts/big/checkpoints/step-11/") -> set[str]:
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix)
         return {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
 
-    assert any(n.endswith("-of-00004.safetensors") for n in objects())  # parts, but no manifest
-    assert "MANIFEST.json" not in objects()
+    assert objects("ckpts/big/shared/")  # the ranks' parts are up (shared blobs) ...
+    assert "MANIFEST.json" not in objects()  # ... but no manifest lists them
     with pytest.raises(CkptdError):
         ckptd.verify(url, "step-11")
     # Save the same tag again with the job restarted (world 2 now), then load it with world 4.
@@ -277,8 +281,11 @@ def test_killed_rank_leaves_nothing_visible_then_resave_over_s3(
     manifest = ckptd.list_checkpoints(url)[0]
     assert manifest["world_size"] == 2
     ckptd.verify(url, "step-11")
-    # The dead attempt's world-4 shards were removed once the resave committed.
-    assert objects() == {*manifest["files"], "MANIFEST.json"}
+    # Under the tag: only what is not shared; every shard the manifest lists is in shared/ (the
+    # dead attempt's world-4 shards stay there, unlisted, until gc: see --blob-grace).
+    blobs = {n: r for n, r in manifest["files"].items() if "blob" in r}
+    assert objects() == {*manifest["files"], "MANIFEST.json"} - set(blobs)
+    assert {f"{r['blob']}.safetensors" for r in blobs.values()} <= objects("ckpts/big/shared/")
     assert_ok(run_world(4, {**base, "action": "load"}, tmp_path, "load4"), tmp_path)
     assert a.stop() == 0 and b.stop() == 0
 

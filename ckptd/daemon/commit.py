@@ -32,7 +32,7 @@ import crc32c
 from ..atomic import fsync_dir, temp_name, write_atomic
 from ..blobs import blob_file, hasher
 from ..errors import SaveError
-from .blobstore import Dedup, hash_staged, read_head
+from .blobstore import Dedup, LocalBlobs, hash_file, hash_staged, read_head
 from .lease import BytesSource, Source
 
 _WRITE_CHUNK = 8 << 20  # write + start writeback
@@ -300,30 +300,44 @@ def parts_dir(root: str, run: str, tag: str) -> str:
 def write_part(
     root: str, run: str, tag: str, f: StagedFile, slot: Source, progress: Callable[[int], None]
 ) -> tuple[str, dict[str, Any]]:
-    """One rank's file of a sharded checkpoint: temp name, fsync, rename. Returns (path, record)."""
+    """One rank's file of a sharded checkpoint: temp name, fsync, rename. Returns (path, record);
+    the record names the part's content digest (``blob``): a rank whose shard did not change
+    since the last checkpoint then uploads nothing for it."""
     _refuse_existing(root, run, tag)
     directory = parts_dir(root, run, tag)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f.name)
     tmp = temp_name(path)
+    digest = hasher()
     try:
-        crc = write_file(tmp, f.header, slot, f.pieces(), progress)
+        fd, crc = _write_unsynced(tmp, f.header, slot, f.pieces(), progress, digest)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(directory)
-    return path, {"size": len(f.header) + f.size, "crc32c": crc_hex(crc)}
+    size = len(f.header) + f.size
+    return path, {"size": size, "crc32c": crc_hex(crc), "blob": str(digest.hexdigest())}
 
 
 def assemble_parts(
-    root: str, run: str, tag: str, parts: dict[str, dict[str, Any]], inline: dict[str, bytes]
+    root: str,
+    run: str,
+    tag: str,
+    parts: dict[str, dict[str, Any]],
+    inline: dict[str, bytes],
+    blobs: LocalBlobs | None = None,
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """Gather every rank's part (all on this daemon) into ``<tag>.partial`` for ``commit``.
 
     Each part must be here with the size its rank reported; a part that is elsewhere (another
-    node's daemon) cannot be committed to this root, and nothing is moved in that case.
+    node's daemon) cannot be committed to this root, and nothing is moved in that case. A part
+    with a content digest becomes (or is linked from) the run's blob of that digest.
     """
     src = parts_dir(root, run, tag)
     for name, rec in parts.items():
@@ -341,8 +355,20 @@ def assemble_parts(
             )
     partial = _fresh_partial(root, run, tag)
     records = {name: dict(rec) for name, rec in parts.items()}
-    for name in parts:
-        os.rename(os.path.join(src, name), os.path.join(partial, name))
+    for name, rec in parts.items():
+        dest = os.path.join(partial, name)
+        os.rename(os.path.join(src, name), dest)
+        digest = rec.get("blob")
+        if blobs is None or digest is None:
+            continue
+        found = blobs.lookup(run, name, digest, int(rec["size"]))
+        if found is not None and found[1] == int(rec["crc32c"], 16):
+            os.unlink(dest)  # the same bytes are stored already: keep one copy
+            os.link(found[0], dest, follow_symlinks=False)
+            continue
+        if hash_file(dest)[0] != digest:  # the digest came with the commit: check it
+            raise SaveError(f"part {name} of {run}@{tag} does not have the digest its rank sent")
+        blobs.adopt(run, name, digest, dest, int(rec["crc32c"], 16))
     for name, data in inline.items():
         crc = write_file(
             os.path.join(partial, name), b"", BytesSource(data), [(0, len(data))], lambda n: None

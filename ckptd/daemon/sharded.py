@@ -23,6 +23,7 @@ from typing import Any
 
 import crc32c
 
+from ..blobs import BLOB_DIR, blob_file, file_parts, is_digest
 from ..errors import (
     AlreadyExistsError,
     CkptdError,
@@ -39,7 +40,7 @@ from .config import DaemonConfig
 from .connections import Client
 from .jobs import Job, JobState, JobTable
 from .stores import StoreSet
-from .upload import journal_dir
+from .upload import has_object, journal_dir
 from .uploads import UploadStage
 from .write import WriteStage, check_data_name
 
@@ -106,14 +107,21 @@ class ShardedCommits:
         path = os.path.join(parts_dir(self.cfg.root, job.run, job.tag), job.part)
         jdir = journal_dir(self.cfg.root, job.run, job.tag)
         await asyncio.to_thread(os.makedirs, jdir, exist_ok=True)
-        await store.put_file(
-            join_key(prefix, job.part),
-            path,
-            size=int(rec["size"]),
-            crc32c=int(rec["crc32c"], 16),
-            journal=os.path.join(jdir, f"{job.part}.json"),
-            progress=progress,
-        )
+        key = join_key(job.run, *file_parts(job.tag, job.part, rec))
+        if rec.get("blob") is not None:
+            job.blobs.add(blob_file(job.part, rec["blob"]))
+        # A shard that did not change since an earlier checkpoint is in the store already.
+        if rec.get("blob") is None or not await has_object(store, key, int(rec["size"]), _plain):
+            await store.put_file(
+                key,
+                path,
+                size=int(rec["size"]),
+                crc32c=int(rec["crc32c"], 16),
+                journal=os.path.join(jdir, f"{job.part}.json"),
+                progress=progress,
+            )
+        else:
+            job.bytes_deduped += int(rec["size"])
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, path)
         # Empty once every part of this node is up; while a sibling part is still on its way,
@@ -168,7 +176,7 @@ class ShardedCommits:
         try:
             if self.stores.is_root(store_url):
                 partial, records = await asyncio.to_thread(
-                    assemble_parts, self.cfg.root, run, tag, parts, inline
+                    assemble_parts, self.cfg.root, run, tag, parts, inline, self._writes().blobs
                 )
                 manifest = self._writes().manifest(job, given, records)
                 path = await asyncio.to_thread(commit, partial, manifest)
@@ -203,7 +211,20 @@ class ShardedCommits:
         found = {o.key.rsplit("/", 1)[-1]: o.size for o in await store.list(prefix + "/")}
         if "MANIFEST.json" in found:
             raise AlreadyExistsError(f"checkpoint {job.key} already exists in {store.url}")
+        shared = {}
+        if any("blob" in rec for rec in parts.values()):
+            base = join_key(job.run, BLOB_DIR)
+            shared = {o.key[len(base) + 1 :]: o.size for o in await store.list(base + "/")}
         for name, rec in parts.items():
+            if "blob" in rec:
+                blob = blob_file(name, rec["blob"])
+                job.blobs.add(blob)
+                if shared.get(blob) != int(rec["size"]):
+                    raise PermanentStorageError(
+                        f"part {name} of {job.key} is not in {store.url}/{BLOB_DIR} with "
+                        f"{rec['size']} bytes (found {shared.get(blob)})"
+                    )
+                continue
             if found.get(name) != int(rec["size"]):
                 raise PermanentStorageError(
                     f"part {name} of {job.key} is not in {store.url} with {rec['size']} bytes "
@@ -240,4 +261,13 @@ def _part_records(raw: dict[Any, Any]) -> dict[str, dict[str, Any]]:
         if not isinstance(crc, str) or not _CRC.fullmatch(crc):
             raise ProtocolError(f"part {name}: crc32c must be 8 hex digits")
         out[name] = {"size": size, "crc32c": crc}
+        if "blob" in rec:
+            if not is_digest(rec["blob"]):
+                raise ProtocolError(f"part {name}: blob must be a content digest")
+            out[name]["blob"] = rec["blob"]
     return out
+
+
+async def _plain(fn: Callable[[], Any], *, what: str) -> Any:
+    """No retry here: the store retries each request itself."""
+    return await fn()

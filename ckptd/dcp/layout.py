@@ -44,6 +44,7 @@ class Loc:
     key: str
     size: int = 0
     crc32c: str = ""
+    blob: str | None = None  # the file is the run's shared blob of this digest (``ckptd.blobs``)
 
 
 def item_key(fqn: str, offsets: Any, sizes: Any, full: Any) -> str:

@@ -381,12 +381,13 @@ class Writer(StorageWriter, AsyncStager):
         if not isinstance(rec, dict):
             raise SaveError(f"the daemon did not report the size and checksum of {name}")
         results = []
+        size, crc, blob = int(rec["size"]), str(rec["crc32c"]), rec.get("blob")
         for key, t, item in tensors:
-            loc = Loc(name, key, int(rec["size"]), str(rec["crc32c"]))
+            loc = Loc(name, key, size, crc, blob)
             results.append(WriteResult(item.index, t.numel() * t.element_size(), loc))
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
-                loc = Loc(name, item.index.fqn, int(rec["size"]), str(rec["crc32c"]))
+                loc = Loc(name, item.index.fqn, size, crc, blob)
                 results.append(WriteResult(item.index, len(blobs[item.index.fqn]), loc))
         return results
 
@@ -452,6 +453,8 @@ class Writer(StorageWriter, AsyncStager):
                 loc = r.storage_data
                 storage[r.index] = loc
                 parts[loc.file] = {"size": loc.size, "crc32c": loc.crc32c}
+                if loc.blob is not None:
+                    parts[loc.file]["blob"] = loc.blob
         metadata.storage_data = storage
         body = json.dumps(encode_metadata(metadata), separators=(",", ":")).encode()
         step = self._step()
