@@ -433,3 +433,37 @@ def test_a_second_save_of_a_tag_is_refused_up_front_like_file_system_writer(daem
     dcp.load(target, checkpoint_id="once",
              storage_reader=ckptd.dcp.Reader(run="solo", socket=daemon.socket))  # fmt: skip
     assert torch.equal(target["w"], torch.ones(3))
+
+
+@pytest.mark.slow
+def test_a_rank_whose_shard_did_not_change_uploads_nothing_new(
+    s3_bucket, make_daemon, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Two checkpoints of the same state over two daemons and S3: the second lists the first's
+    shards (same digests) and puts no new shard object into the store."""
+    import boto3
+
+    store = f"s3://{s3_bucket}/ckpts"
+    a = make_daemon(store=store, name="a")
+    b = make_daemon(store=store, name="b")
+    base = {"run": "same", "store": store, "sockets": [a.socket, b.socket], "seed": 5}
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+    def shared() -> dict[str, Any]:
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpts/same/shared/")
+        return {o["Key"]: o["LastModified"] for o in listed.get("Contents", [])}
+
+    assert_ok(run_world(2, {**base, "action": "save", "tag": "step-1", "mode": "sync"},
+                        tmp_path, "first"), tmp_path)  # fmt: skip
+    before = shared()
+    assert len(before) == 2  # one blob per rank's shard
+    assert_ok(run_world(2, {**base, "action": "save", "tag": "step-2", "mode": "sync"},
+                        tmp_path, "second"), tmp_path)  # fmt: skip
+    assert shared() == before  # nothing new uploaded, nothing rewritten
+    url = f"{store}/same"
+    first, second = ckptd.list_checkpoints(url)
+    shards = {n: r["blob"] for n, r in first["files"].items() if n.startswith("shard-")}
+    assert shards and shards == {n: r["blob"] for n, r in second["files"].items() if "blob" in r}
+    ckptd.verify(url, "step-2")
+    assert_ok(run_world(2, {**base, "action": "load", "tag": "step-2"}, tmp_path, "load"), tmp_path)
+    assert a.stop() == 0 and b.stop() == 0
