@@ -13,6 +13,11 @@ list fewer files (and name the dropped ones in ``optimizer_dropped``), then thos
 deleted. The files the manifest still lists are never touched, so the slimmed checkpoint still
 verifies and loads its weights; a reader racing the rewrite sees either manifest, both valid.
 
+Shared data (``<run>/shared/``, files that several checkpoints list: ``ckptd.blobs``) is deleted by
+reference, after the checkpoints: a blob goes only when no manifest listed after the deletions
+names it, no save in flight in the daemon uses it, and (in a store other daemons write to) it is
+older than a grace period (``collect_blobs``).
+
 Only what a validated manifest names is deleted: keys ``<run>/checkpoints/<tag>/<file>`` whose run,
 tag and file names pass the name rule, under the tag the manifest was found under (a manifest
 naming another tag is invisible, see ``ckptd.manifest``). In a local store nothing is deleted

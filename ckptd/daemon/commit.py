@@ -13,6 +13,12 @@ Commit order, each step durable before the next:
   4. ``<run>/latest`` (temp + fsync + rename), only if this is the newest step
 A reader trusts a checkpoint only through its manifest, so a crash anywhere leaves either a
 complete checkpoint or a directory the next start removes.
+
+Incremental checkpoints (``ckptd.blobs``): a file the client marked is hashed (BLAKE3) before
+step 1; if the run's ``shared/`` holds those bytes, the file is a hard link to that blob, not a
+write. A marked file that is written is hashed while it is written (the same bytes the CRC
+covers) and hard-linked into ``shared/`` after its fsync and before the manifest, so no manifest
+ever lists a blob that is not on disk.
 """
 
 from __future__ import annotations
