@@ -4,13 +4,14 @@ A tensor whose storage (``data_ptr``) and version counter (``_version``) are wha
 it was last staged holds the bytes it held then, for every write that goes through PyTorch:
 in-place ops, ``optimizer.step``, ``load_state_dict`` and ``copy_`` under ``no_grad`` all bump
 the counter. A file all of whose tensors are unchanged, with the same header, is the same file.
-That is used two ways:
+With ``skip_unchanged=True`` that is used two ways (without it nothing is tracked: a snapshot
+costs about a microsecond a tensor per save, and frozen parameters are marked by the plan):
 
-- always (with dedup on): the file is marked for the daemon to hash and look up among the run's
-  blobs, so it is linked, not written or uploaded, when the bytes are stored already. The hash
-  decides; the mark only says where hashing is worth it.
-- with ``skip_unchanged=True``: such a file whose blob the daemon confirmed (``committed``
-  names it) is not even copied into shared memory; the save names the blob instead.
+- the file is marked for the daemon to hash and look up among the run's blobs, so it is linked,
+  not written or uploaded, when the bytes are stored already. The hash decides; the mark only
+  says where hashing is worth it.
+- such a file whose blob the daemon confirmed (``committed`` names it) is not even copied into
+  shared memory; the save names the blob instead.
 
 The proof is not exact for writes that bypass the version counter: through ``tensor.data``
 (a new counter), through a NumPy array or DLPack capsule sharing the memory, or by a custom
