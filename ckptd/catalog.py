@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, TypeVar
 import crc32c
 
 from . import manifest as schema
-from .blobs import file_parts
+from .blobs import BLOB_DIR, file_parts
 from .errors import (
     ConfigError,
     IntegrityError,
@@ -91,6 +91,11 @@ class Located:
             return [name]
         return file_parts(self.tag, name, self.manifest["files"][name])
 
+    def label(self, name: str) -> str:
+        """The listed file as errors name it: where it lies too, when it is shared."""
+        parts = self.parts(name)
+        return name if parts[0] != BLOB_DIR else f"{name} ({'/'.join(parts)})"
+
     def local_file(self, name: str) -> tuple[str, list[str]]:
         """A local listed file as (base directory, parts below it), for ``open_listed``."""
         if self.directory is not None:
@@ -102,10 +107,13 @@ class Located:
 
 
 @contextlib.contextmanager
-def open_listed(base: str, parts: Sequence[str], rec: dict[str, Any]) -> Iterator[BinaryIO]:
+def open_listed(
+    base: str, parts: Sequence[str], rec: dict[str, Any], label: str | None = None
+) -> Iterator[BinaryIO]:
     """Open a file a manifest lists, ``base/parts...``, checked to be a regular file of the listed
-    size and never reached through a symbolic link; errors name the file."""
-    name = parts[-1]
+    size and never reached through a symbolic link; errors name the file (``label``, else its
+    last part)."""
+    name = label or parts[-1]
     try:
         # O_NONBLOCK: a FIFO planted under a listed name must fail the check, not hang the open.
         fd = open_beneath(base, parts, os.O_RDONLY | os.O_NONBLOCK)
@@ -399,19 +407,23 @@ def _check_located(loc: Located) -> Located:
     try:
         with Progress(_total(loc.manifest), f"verify {loc.url}@{loc.tag}") as p:
             for name, rec in loc.manifest["files"].items():
-                _check_file(*loc.local_file(name), rec, p)
+                _check_file(*loc.local_file(name), rec, p, loc.label(name))
     except IntegrityError as e:
         raise IntegrityError(f"{loc.url}@{loc.tag}: {e}") from e
     return loc
 
 
 def _check_file(
-    base: str, parts: list[str], rec: dict[str, Any], progress: ProgressFn | None = None
+    base: str,
+    parts: list[str],
+    rec: dict[str, Any],
+    progress: ProgressFn | None = None,
+    label: str | None = None,
 ) -> None:
-    """Read one listed file, checking size and CRC32C; errors name its last part."""
-    name = parts[-1]
+    """Read one listed file, checking size and CRC32C; errors name it (``label``)."""
+    name = label or parts[-1]
     value = 0
-    with open_listed(base, parts, rec) as f:
+    with open_listed(base, parts, rec, name) as f:
         while chunk := f.read(_CHUNK):
             value = crc32c.crc32c(chunk, value)
             if progress is not None:
@@ -442,11 +454,37 @@ def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
     (``O_EXCL|O_NOFOLLOW``), and linked to its name only once it has verified and is on disk;
     nothing that appears in ``dest`` meanwhile, link or file, is followed or overwritten. The
     manifest is written last, so an interrupted restore leaves no directory that looks like a
-    checkpoint, and a failed one removes what it created."""
+    checkpoint, and a failed one removes what it created. Files shared with other checkpoints
+    (``ckptd.blobs``) are written under their listed names: ``dest`` is self-contained.
+
+    For latest, a checkpoint that fails verification (a corrupt shared file fails every
+    checkpoint that lists it) is removed again and the next newest is tried."""
+    check_dest(dest)
+    cands = newest_first([url], tag)
+    if not cands:
+        raise NotFoundError(f"no complete checkpoint in {normalize_url(url)[0]}")
+    first: IntegrityError | None = None
+    for i, loc in enumerate(cands):
+        try:
+            _copy_one(loc, dest)
+        except IntegrityError as e:
+            if tag != "latest" or i + 1 == len(cands):
+                if first is not None:
+                    raise IntegrityError(
+                        f"no checkpoint of {normalize_url(url)[0]} verifies; the newest fails: "
+                        f"{first}"
+                    ) from e
+                raise
+            first = first or e
+            log.warning("%s; restoring the next newest checkpoint instead", e)
+            continue
+        return loc
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _copy_one(loc: Located, dest: str) -> None:
     from .readinto import Source, copy_files  # it reads through this module's open_listed
 
-    check_dest(dest)
-    loc = _locate(url, tag)
     label = f"restore {loc.url}@{loc.tag}"
     with _dest_dir(dest) as d, Progress(_total(loc.manifest), label) as progress:
         created: list[str] = []  # names this restore created itself, exclusively
@@ -489,7 +527,6 @@ def copy_checkpoint(url: str, tag: str, dest: str) -> Located:
                     os.unlink(name, dir_fd=d)
             raise
         os.fsync(d)
-    return loc
 
 
 def _publish(d: int, partial: str, name: str, dest: str) -> None:

@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
 
-RESERVED_RUN_PARTS = frozenset({"checkpoints", "experiment", "latest", "shared", ".ckptd"})
+RESERVED_RUN_PARTS = frozenset({"checkpoints", "experiment", "latest", ".ckptd"})
 """Names the layout gives a meaning below ``<store>/<run>/``: a run part called ``checkpoints``
 would make ``<store>/a/checkpoints/b/checkpoints/...`` ambiguous (the daemon's rescan took it for
-run ``a`` and dropped its checkpoints)."""
+run ``a`` and dropped its checkpoints). ``shared`` (a run's blobs, ``ckptd.blobs``) is not
+reserved: a run ``a/shared`` nests below run ``a``'s blobs, whose gc only ever deletes files
+directly in ``a/shared/`` named like blobs, so the two never touch each other's data."""
 
 RESERVED_MODEL_NAMES = frozenset({"optimizer", "optimizers", "extra", "meta"})
 

@@ -92,7 +92,7 @@ async def read_listed(
     """
     size = int(rec["size"])
     if src.store is None:
-        with open_listed(*src.loc.local_file(name), rec) as f:
+        with open_listed(*src.loc.local_file(name), rec, src.loc.label(name)) as f:
             fd = f.fileno()
 
             async def fetch(start: int, view: memoryview) -> int:
@@ -264,7 +264,7 @@ async def map_file(
     truncates or rewrites a committed file (every write is a new file renamed into place), so
     the mapping stays valid, even after retention deletes the checkpoint."""
     size = int(rec["size"])
-    with open_listed(*src.loc.local_file(name), rec) as f:
+    with open_listed(*src.loc.local_file(name), rec, src.loc.label(name)) as f:
         if size == 0:
             check_crc(name, rec, 0)
             return None

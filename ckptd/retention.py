@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .blobs import BLOB_DIR, blob_files
+from .blobs import BLOB_DIR, blob_files, is_digest
 from .errors import CkptdError, ConfigError
 from .names import check_name
 from .storage import Store, join_key
@@ -181,7 +181,9 @@ async def apply(store: Store, run: str, policy: Retention, *, protect: set[str] 
     manifests = await list_manifests(_Scoped(store, run))
     decided = plan(manifests, policy, protect or set())
     if dry_run:
-        decided.blobs = await collect_blobs(store, run, protect_blobs, blob_grace, dry_run=True)
+        gone = {m["tag"] for m in decided.delete}
+        decided.blobs = await collect_blobs(store, run, protect_blobs, blob_grace, dry_run=True,
+                                            without=gone)  # fmt: skip
         return decided
     prefix = join_key(run, "checkpoints")
     for m in decided.delete:
@@ -221,6 +223,7 @@ async def collect_blobs(
     grace: float = 0.0,
     *,
     dry_run: bool = False,
+    without: set[str] | None = None,
 ) -> list[str]:
     """Delete the run's blobs (``<run>/shared/``) that no manifest lists; returns their names.
 
@@ -228,7 +231,7 @@ async def collect_blobs(
     blobs to keep are those they list, those ``protect()`` names (saves still in flight, asked
     last, after the listing) and those younger than ``grace`` seconds (another writer's save of
     the same run, e.g. a DCP rank on another node, whose manifest is not written yet). A listing
-    that fails deletes nothing.
+    that fails deletes nothing. ``without``: tags to count as deleted already (a dry run).
     """
     from .catalog import list_manifests
 
@@ -237,14 +240,14 @@ async def collect_blobs(
     if not objects:
         return []
     manifests = await list_manifests(_Scoped(store, run))
-    keep = set(blob_files(manifests))
+    keep = set(blob_files(m for m in manifests if m["tag"] not in (without or ())))
     if protect is not None:
         keep |= protect()
     now = time.time()
     gone = []
     for o in objects:
         name = o.key[len(shared) + 1 :]
-        if name in keep or "/" in name:
+        if name in keep or not _blob_like(name):  # e.g. run "<run>/shared"'s own files
             continue
         if grace > 0 and (o.mtime is None or now - o.mtime < grace):
             continue
@@ -294,3 +297,9 @@ class _Scoped(Store):
 
     async def delete(self, key: str) -> None:
         await self._store.delete(join_key(self._prefix, key))
+
+
+def _blob_like(name: str) -> bool:
+    """A file name that a blob can have: ``<digest>`` or ``<digest>.<ext>``, no directory."""
+    digest, _, ext = name.partition(".")
+    return "/" not in name and is_digest(digest) and "." not in ext
