@@ -47,7 +47,7 @@ from .protocol import (
     Welcome,
 )
 from .stager import Fence, Stager
-from .unchanged import Unchanged
+from .unchanged import StableKeys, Unchanged
 
 log = logging.getLogger("ckptd.client")
 
@@ -217,6 +217,7 @@ class Checkpointer:
         self.dedup = dedup
         # Tracking what did not change costs ~1 us a tensor per save: only where it saves copies.
         self._unchanged = Unchanged(skip_unchanged) if skip_unchanged else None
+        self._stable = StableKeys() if dedup else None
         try:
             self.backpressure = Backpressure(backpressure)
         except ValueError:
@@ -428,8 +429,9 @@ class Checkpointer:
             raise ConfigError("nothing to save: pass model=, models=, optimizer= or extra=")
         self._wait_fence()  # a previous async copy must land before its slot is reused
         with _gc_paused():
+            stable = self._stable.update(all_models) if self._stable is not None else None
             plan = plan_save(all_models, all_optims if save_optim else {}, extra, self._plans,
-                             dedup=self.dedup)  # fmt: skip
+                             dedup=self.dedup, stable=stable)  # fmt: skip
             snaps = self._unchanged.mark(plan) if self._unchanged is not None else None
         for opt in all_optims.values():
             if save_optim and isinstance(opt, torch.optim.Optimizer):

@@ -523,11 +523,14 @@ def plan_save(
     cache: PlanCache | None = None,
     *,
     dedup: bool = False,
+    stable: dict[str, set[str]] | None = None,
 ) -> SavePlan:
     """Lay out a checkpoint. Raises ``SerializationError`` before anything is copied.
 
     ``dedup``: a module's frozen parameters go to ``<model>.frozen.safetensors``, marked for
-    the daemon to store once (``FilePlan.dedup``)."""
+    the daemon to store once (``FilePlan.dedup``); for a model given as a plain state dict,
+    which says nothing of ``requires_grad``, the keys in ``stable[name]`` (tensors that did not
+    change since the last save: ``unchanged.StableKeys``) go there instead."""
     b = _Builder(cache)
     inline: dict[str, bytes] = {}
     configs: dict[str, Any] = {}
@@ -545,6 +548,10 @@ def plan_save(
         frozen: dict[str, torch.Tensor] = {}
         if dedup and isinstance(obj, torch.nn.Module):
             tensors, frozen = split_frozen(tensors, buffers)
+        elif dedup and stable and stable.get(name):
+            keys = stable[name]
+            frozen = {k: t for k, t in tensors.items() if k in keys}
+            tensors = {k: t for k, t in tensors.items() if k not in keys}
         fname = f"{name}.weights.safetensors"
         b.add_file(fname, tensors, _meta_json(meta))
         sync.update(f"{fname}/{k}" for k in buffers if k in tensors)

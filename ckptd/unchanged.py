@@ -91,3 +91,29 @@ class Unchanged:
         with self._lock:
             self._pending.pop(sid, None)
             self._seen.clear()
+
+
+class StableKeys:
+    """For models given as plain state dicts (Lightning hands ckptd ``state_dict()``, whose
+    tensors say nothing of ``requires_grad``): the keys whose tensors kept their storage and
+    version counter since the previous save. A detached tensor shares its parameter's counter,
+    so a frozen base shows up as stable from the second save on and is stored apart (and once)
+    from then; a tensor that changes again simply moves back. Costs ~1 us a tensor per save,
+    for dict models only. The hash still decides what is stored."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def update(self, models: dict[str, Any]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name, sd in models.items():
+            if not isinstance(sd, dict):
+                continue
+            keys = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.numel()]
+            values = [sd[k] for k in keys]
+            marks = zip(map(_DATA_PTR, values), map(_VERSION, values), strict=True)
+            now = dict(zip(keys, marks, strict=True))
+            before = self._last.get(name, {})
+            out[name] = {k for k, v in now.items() if before.get(k) == v}
+            self._last[name] = now
+        return out

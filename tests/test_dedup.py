@@ -589,3 +589,25 @@ def test_skip_unchanged_after_the_daemon_was_replaced_saves_a_whole_checkpoint(
     state = ckptd.load(run)
     assert bitwise_equal(state["model"], expect["model"])
     assert bitwise_equal(state["optimizer"], expect["optimizer"])
+
+
+def test_a_plain_state_dict_stores_its_unchanged_tensors_once(
+    make_daemon: Any, tmp_path: Any
+) -> None:
+    """Lightning hands ckptd ``state_dict()`` (tensors without ``requires_grad``): from the
+    second save on, the tensors that did not change are stored apart and once."""
+    store = str(tmp_path / "store")
+    d = make_daemon(store=store)
+    model, opt = peft(0)
+    with Checkpointer("dict", socket=d.socket) as ckpt:
+        for step in (1, 2, 3):
+            train(model, opt, 1, seed=step)
+            sd = model.state_dict()
+            ckpt.save(step, model=sd, optimizer=opt.state_dict()).wait("uploaded", 60)
+    ms = local_manifests(store, "dict")
+    assert FROZEN not in ms[tag(1)]["files"]  # nothing is known to be stable at the first save
+    assert ms[tag(2)]["files"][FROZEN]["blob"] == ms[tag(3)]["files"][FROZEN]["blob"]
+    keys = _safetensors_keys(os.path.join(store, "dict", "checkpoints", tag(3), WEIGHTS))
+    assert not set(model.frozen()) & keys  # the frozen base is not in the weights file
+    assert len(os.listdir(os.path.join(store, "dict", "shared"))) == 1
+    assert bitwise_equal(ckptd.load(os.path.join(store, "dict"))["model"], model.state_dict())
