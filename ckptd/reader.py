@@ -236,6 +236,29 @@ def file_order(files: dict[str, Any]) -> list[str]:
     return sorted(files, key=lambda n: (not n.endswith(FROZEN), not n.endswith(WEIGHTS)))
 
 
+class ModelGroups:
+    """Files that arrive in any order (reads finish when they finish), handed on for decoding
+    once everything they need is there: a model's ``.frozen.safetensors`` with its weights file
+    (whose aliases may name frozen tensors), everything else at once."""
+
+    def __init__(self, files: dict[str, Any]) -> None:
+        self._files = files
+        self._waiting: dict[str, Any] = {}
+
+    def arrived(self, name: str, buf: Any) -> list[tuple[str, Any]]:
+        for suffix in (FROZEN, WEIGHTS):
+            if name.endswith(suffix):
+                model = name[: -len(suffix)]
+                break
+        else:
+            return [(name, buf)]
+        group = [n for n in (model + FROZEN, model + WEIGHTS) if n in self._files]
+        self._waiting[name] = buf
+        if not all(n in self._waiting for n in group):
+            return []
+        return [(n, self._waiting.pop(n)) for n in group]
+
+
 def _decode_checked(
     name: str, buf: torch.Tensor, result: dict[str, Any], extra: dict[str, Any]
 ) -> None:
@@ -292,11 +315,18 @@ def _load_to_cuda(loc: Located, device: Any, progress: ProgressFn) -> dict[str, 
         pinned[name] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return memoryview(pinned[name].numpy())
 
+    group = ModelGroups(loc.manifest["files"])
+
     def done(name: str) -> None:
         buf = pinned.pop(name)
         keep.append(buf)
         part: dict[str, Any] = {"optimizers": {}}
-        _decode_checked(name, buf, part, extra)
+        ready = group.arrived(name, buf)  # a model's files decode together, frozen first
+        if not ready:
+            return
+        for n, b in ready:
+            _decode_checked(n, b, part, extra)
+        part.pop("__frozen__", None)
         with torch.cuda.stream(stream):
             moved = _to_device(part, dev, non_blocking=True)
         result["optimizers"].update(moved.pop("optimizers"))

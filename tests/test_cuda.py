@@ -73,3 +73,34 @@ def test_load_onto_the_gpu_through_pinned_buffers_is_bitwise_equal(tmp_path) -> 
     same(_to_device(on_gpu["model"], "cpu"), on_cpu["model"])
     same(_to_device(on_gpu["optimizer"], "cpu"), on_cpu["optimizer"])
     same(_to_device(on_gpu["extra"], "cpu"), on_cpu["extra"])
+
+
+def test_a_frozen_base_on_the_gpu_is_stored_once_and_loads_back(daemon) -> None:  # type: ignore[no-untyped-def]
+    """Incremental checkpoints on CUDA: the frozen part staged from the GPU, stored once,
+    skipped with skip_unchanged, and loaded back onto the GPU with its weights file."""
+    torch.manual_seed(0)
+    model = Net().cuda()
+    for p in (*model.body.parameters(), model.embed.weight):
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 64, (8, 5), device="cuda")
+    y = torch.randint(0, 64, (8,), device="cuda")
+    with Checkpointer("gpu-lora", socket=daemon.socket, skip_unchanged=True) as ckpt:
+        for step in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ckpt.save(step, model=model, optimizer=opt).wait("committed", timeout=60)
+        assert ckpt._plans.files["model.frozen.safetensors"].reuse is not None
+    shared = os.listdir(os.path.join(daemon.root, "gpu-lora", "shared"))
+    assert len(shared) == 1
+    url = os.path.join(daemon.root, "gpu-lora")
+    on_gpu = ckptd.load(url, map_location="cuda")
+    assert bitwise_equal(_to_device(on_gpu["model"], "cpu"), _to_device(model.state_dict(), "cpu"))
+    fresh = Net().cuda()
+    with Checkpointer("gpu-lora", socket=daemon.socket) as ckpt:
+        ckpt.restore(fresh, map_location="cuda")
+    assert bitwise_equal(
+        _to_device(fresh.state_dict(), "cpu"), _to_device(model.state_dict(), "cpu")
+    )

@@ -611,3 +611,18 @@ def test_a_plain_state_dict_stores_its_unchanged_tensors_once(
     assert not set(model.frozen()) & keys  # the frozen base is not in the weights file
     assert len(os.listdir(os.path.join(store, "dict", "shared"))) == 1
     assert bitwise_equal(ckptd.load(os.path.join(store, "dict"))["model"], model.state_dict())
+
+
+def test_a_models_files_decode_together_whatever_order_they_arrive_in() -> None:
+    """The GPU load decodes files as their reads finish: a weights file that lands before its
+    frozen part waits for it (the CPU side of ``reader._load_to_cuda``)."""
+    from ckptd.reader import ModelGroups
+
+    files = {WEIGHTS: {}, FROZEN: {}, OPTIM: {}, "extra.msgpack": {}}
+    groups = ModelGroups(files)
+    assert groups.arrived(OPTIM, 1) == [(OPTIM, 1)]
+    assert groups.arrived(WEIGHTS, 2) == []
+    assert groups.arrived("extra.msgpack", 3) == [("extra.msgpack", 3)]
+    assert groups.arrived(FROZEN, 4) == [(FROZEN, 4), (WEIGHTS, 2)]
+    alone = ModelGroups({WEIGHTS: {}})
+    assert alone.arrived(WEIGHTS, 5) == [(WEIGHTS, 5)]
