@@ -8,6 +8,7 @@ inodes in the daemon's root, tensors loaded back bit for bit, the CLI's exit cod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -626,3 +627,40 @@ def test_a_models_files_decode_together_whatever_order_they_arrive_in() -> None:
     assert groups.arrived(FROZEN, 4) == [(FROZEN, 4), (WEIGHTS, 2)]
     alone = ModelGroups({WEIGHTS: {}})
     assert alone.arrived(WEIGHTS, 5) == [(WEIGHTS, 5)]
+
+
+def test_a_reference_to_a_blob_the_root_lost_fails_that_save_alone(
+    make_daemon: Any, tmp_path: Any
+) -> None:
+    """skip_unchanged refers to a blob that someone removed from the root: that save fails
+    with a clear error, the daemon serves on, and the next save stages everything again."""
+    d = make_daemon()
+    model, opt = peft(0)
+    with Checkpointer("lost", socket=d.socket, skip_unchanged=True) as ckpt:
+        ckpt.save(1, model=model, optimizer=opt).wait("committed", 60)
+        shared = os.path.join(d.root, "lost", "shared")
+        for name in os.listdir(shared):
+            os.unlink(os.path.join(shared, name))
+        train(model, opt, 1, seed=2)
+        h = ckpt.save(2, model=model, optimizer=opt)
+        with pytest.raises(ckptd.SaveError, match="no longer in the daemon's root"):
+            h.wait("committed", 60)
+        with contextlib.suppress(ckptd.SaveError):
+            ckpt.check()  # the failure is reported once
+        train(model, opt, 1, seed=3)
+        ckpt.save(3, model=model, optimizer=opt).wait("committed", 60)
+    assert sorted(local_manifests(d.root, "lost")) == [tag(1), tag(3)]
+    state = ckptd.load(os.path.join(d.root, "lost"))
+    assert bitwise_equal(state["model"], state_of(model, opt)["model"])
+
+
+def test_a_manifest_whose_blob_is_not_a_digest_is_refused() -> None:
+    from ckptd.errors import IntegrityError
+    from ckptd.manifest import validate
+
+    good = {"tag": "t", "step": 1, "files": {FROZEN: {"size": 1, "crc32c": "00000000"}}}
+    validate(good, tag="t")
+    for blob in ("../../etc/passwd", "A" * 64, "0" * 63, 7, None):
+        bad = {**good, "files": {FROZEN: {"size": 1, "crc32c": "00000000", "blob": blob}}}
+        with pytest.raises(IntegrityError, match="content digest"):
+            validate(bad, tag="t")
