@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..atomic import write_atomic
-from ..blobs import file_parts
+from ..blobs import blob_files, file_parts
 from ..errors import AlreadyExistsError, NotFoundError
 from ..storage import Store, join_key
 from ..storage.base import run_all
@@ -86,6 +86,7 @@ async def upload_checkpoint(
     with_retries: Callable[..., Any],
     blob_lock: Callable[[str], asyncio.Lock] | None = None,
     skipped: Callable[[int], None] | None = None,
+    refs: set[str] | None = None,
 ) -> None:
     """Upload one committed checkpoint; raises a StorageError subclass when it cannot.
 
@@ -97,6 +98,8 @@ async def upload_checkpoint(
     does not hold it yet (``skipped(size)`` counts it otherwise); ``blob_lock(key)`` keeps two
     checkpoints from uploading one blob at once. After the manifest, every blob it lists is
     checked to be there still, and put again if it is not (a ``ckptd gc`` elsewhere raced it).
+    ``refs`` gets the blob files the manifest lists before anything is asked of the store (the
+    daemon's retention spares them while this upload is pending, e.g. one owed since a restart).
     """
     ck = checkpoint_dir(root, run, tag)
     try:
@@ -105,6 +108,8 @@ async def upload_checkpoint(
     except FileNotFoundError as e:
         raise NotFoundError(f"checkpoint {run}@{tag} is not committed locally") from e
     manifest = json.loads(manifest_bytes)
+    if refs is not None:
+        refs.update(blob_files([manifest]))
     prefix = join_key(run, "checkpoints", tag)
     manifest_key = join_key(prefix, "MANIFEST.json")
     if await remote_manifest_differs(store, manifest_key, manifest_bytes, with_retries):

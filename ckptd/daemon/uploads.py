@@ -326,6 +326,7 @@ class UploadStage:
             with_retries=_once,
             blob_lock=lambda key: self._blob_lock(f"{job.store}\n{key}"),
             skipped=lambda n: self._skipped(job, n),
+            refs=job.blobs,
         )
         await self.stores.advance_latest(job.store, job.run, job.tag, job.step)
         await asyncio.to_thread(clear_record, self.cfg.root, job.run, job.tag)
