@@ -20,6 +20,7 @@ import torch
 from ckptd.testing.servers import S3_ENV, bucket_name, create_gcs_bucket
 
 from . import runners as R
+from .dedup import run_dedup
 from .infra import Infra
 from .report import (
     CKPTD,
@@ -84,6 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="state sizes (GB) of the restore section (default 0.5,1.5; --quick: 0.05)",
     )
     p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="run only the incremental-checkpoint section (issue 15); the full run includes it",
+    )
+    p.add_argument(
+        "--no-dedup", action="store_true", help="skip the incremental-checkpoint section"
+    )
+    p.add_argument(
+        "--dedup-size",
+        type=float,
+        default=None,
+        help="frozen base (GB) of the incremental-checkpoint section (default 0.5; --quick: 0.05)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke check: 0.1 GB (restore 0.05 GB), 1 repeat, ~2 min",
@@ -100,10 +115,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.restore_sizes = args.restore_sizes or "0.05"
     if args.restore and args.no_restore:
         p.error("--restore and --no-restore exclude each other")
+    if args.dedup and args.no_dedup:
+        p.error("--dedup and --no-dedup exclude each other")
     args.restore_list = _size_subset(args.restore_sizes or "0.5,1.5", [])
-    if args.no_restore:
+    if args.no_restore or (args.dedup and not args.restore):
         args.restore_list = []
-    if args.restore:
+    if args.dedup_size is None:
+        args.dedup_size = 0.05 if args.quick else 0.5
+    if args.dedup_size <= 0:
+        p.error("--dedup-size must be positive")
+    args.dedup_list = (
+        [] if args.no_dedup or (args.restore and not args.dedup) else [args.dedup_size]
+    )
+    if args.restore or args.dedup:
         args.sizes, args.small = "", "none"
     args.size_list = [float(s) for s in args.sizes.split(",") if s]
     args.dtype_list = [d for d in args.dtypes.split(",") if d]
@@ -458,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 free(state)
                 del state
                 gc.collect()
+        for size in args.dedup_list:
+            run_dedup(infra, size, args.repeats, res, device=args.device)
         res.meta["wall_s"] = round(time.monotonic() - t_start, 1)
         res.meta["load_end"] = load_average()
     if args.json_out:
