@@ -441,6 +441,19 @@ class DedupBench:
         self.infra.callback(d.kill)
         return d
 
+    def _first_saves(
+        self, case: str, m: Model, cs: list[Contender], daemon: DaemonProcess, steps: int
+    ) -> None:
+        """Train, record the case, and make each contender's first (untimed) checkpoint."""
+        m.train(steps)
+        self.res.cases.append(
+            Case(case, m.shape, m.state_bytes(), len(m.model.state_dict()), self.device)
+        )
+        for c in cs:
+            log(f"{case}: first save, {c.label}")
+            c.first = timed_save(c, m, self.store, daemon.pid)
+            _wait_slots_grown(c.ck)  # a one-off after the first save; not in the figures
+
     def contender(self, label: str, run: str, daemon: DaemonProcess) -> Contender:
         prefix = f"{run}-store"
         store = f"s3://{self.store.name}/{prefix}"
@@ -459,14 +472,7 @@ class DedupBench:
         cs: list[Contender] = []
         try:
             cs = [self.contender(lab, f"lora-{SLUG[lab]}", daemon) for lab in MODES]
-            m.train(STEPS_LORA)
-            res.cases.append(
-                Case(case, m.shape, m.state_bytes(), len(m.model.state_dict()), self.device)
-            )
-            for c in cs:
-                log(f"{case}: first save, {c.label}")
-                c.first = timed_save(c, m, self.store, daemon.pid)
-                _wait_slots_grown(c.ck)  # a one-off after the first save; not in the figures
+            self._first_saves(case, m, cs, daemon, STEPS_LORA)
             for i in range(self.repeats):
                 m.train(STEPS_LORA)
                 k = i % len(cs)
@@ -563,14 +569,7 @@ class DedupBench:
         repeats = self.full_repeats
         try:
             cs = [self.contender(lab, f"full-{SLUG[lab]}", daemon) for lab in (OFF, ON)]
-            m.train(STEPS_FULL)
-            res.cases.append(
-                Case(case, m.shape, m.state_bytes(), len(m.model.state_dict()), self.device)
-            )
-            for c in cs:
-                log(f"{case}: first save, {c.label}")
-                c.first = timed_save(c, m, self.store, daemon.pid)
-                _wait_slots_grown(c.ck)  # a one-off after the first save; not in the figures
+            self._first_saves(case, m, cs, daemon, STEPS_FULL)
             for i in range(repeats):
                 m.train(STEPS_FULL)
                 log(f"{case}: repeat {i + 1} of {repeats}")

@@ -46,6 +46,7 @@ def plan(files: dict[str, dict[str, Any]], threshold: int = DEFAULT_PART_SIZE) -
             continue  # the commit writes the rest
         size = int(rec["size"])
         out["GetObject"] += 1  # upload_part: is the tag committed already?
+        out["ListObjectsV2"] += 1  # upload_part: does shared/ hold this shard's blob already?
         if size <= threshold:
             out["PutObject"] += 1
         else:
@@ -57,6 +58,7 @@ def plan(files: dict[str, dict[str, Any]], threshold: int = DEFAULT_PART_SIZE) -
     out["GetObject"] += 1
     # the global commit: one listing (1,000 keys a page), then metadata, manifest, latest
     out["ListObjectsV2"] += -(-len(files) // 1000)
+    out["ListObjectsV2"] += 1  # ... and one listing of shared/, where the shards are
     out["PutObject"] += (len(files) - sum(n.startswith("shard-") for n in files)) + 2
     return out
 

@@ -263,7 +263,10 @@ def write_staged(
             assert dedup is not None
             value = str(digest.hexdigest())
             dedup.refs.add(blob_file(f.name, value))
-            dedup.blobs.adopt(run, f.name, value, path, crc)
+            blob = dedup.blobs.adopt(run, f.name, value, path, crc)
+            if os.stat(blob).st_ino != os.stat(path).st_ino:  # another save adopted it first
+                os.unlink(path)
+                os.link(blob, path, follow_symlinks=False)
             records[f.name]["blob"] = value
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
